@@ -1,0 +1,512 @@
+//! One task per WebSocket connection: a single `select!` loop over kick / shutdown / outbound
+//! queue / inbound frames / timers, and the cleanup that runs on every exit path.
+//!
+//! The task owns the socket. Events reach it only through its bounded queue (see `registry`);
+//! it writes whatever is already queued in one flush, so a burst costs one syscall, and an
+//! event that arrives alone is written at once. Heartbeat, dead-peer and idle checks share one
+//! timer re-armed to the nearest deadline.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
+
+use crate::config::{enabled, Config, Limits};
+use crate::limits::{ConnPermit, RateDecision, RateLimiter};
+use crate::metrics::CloseReason;
+use crate::protocol::{self, AdvertisedLimits, ClientMessage};
+use crate::registry::ConnShared;
+use crate::state::Gateway;
+use crate::topic::TopicName;
+
+/// Queued events written in one flush, at most.
+const BATCH_MAX_MESSAGES: usize = 64;
+/// Bytes of queued events written in one flush, at most (one event may exceed it alone).
+const BATCH_MAX_BYTES: usize = 64 * 1024;
+/// A write (or flush) that makes no progress for this long ends the connection, when no
+/// heartbeat timeout is configured to bound it.
+const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the closing handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Stand-in deadline when every timer is disabled.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
+
+/// What the connection serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The JSON client protocol.
+    Client,
+    /// Echoes every message back (conformance testing); same limits and code path.
+    Echo,
+}
+
+/// Everything a connection task starts with.
+pub struct ConnSetup {
+    pub gateway: Arc<Gateway>,
+    /// The config in force when the connection was accepted: the limits advertised to the client
+    /// stay the ones it enforces for its whole life.
+    pub config: Arc<Config>,
+    pub shared: Arc<ConnShared>,
+    pub rx: mpsc::Receiver<Utf8Bytes>,
+    pub permit: ConnPermit,
+    pub mode: Mode,
+    /// Topics this connection may subscribe to, when an auth backend restricted it.
+    pub allowed_topics: Option<Arc<BTreeSet<TopicName>>>,
+}
+
+/// tungstenite's defaults suit a client, not an edge daemon (128 KiB read buffer per connection,
+/// 64 MiB messages, an unbounded write buffer): every field comes from our limits.
+pub fn ws_config(limits: &Limits, max_event_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        // Allocated eagerly per connection: small, since client messages are small JSON; larger
+        // messages (up to the cap) grow it while they are read.
+        .read_buffer_size(4 * 1024)
+        // Frames are buffered up to this before a write; we flush after each batch anyway.
+        .write_buffer_size(BATCH_MAX_BYTES)
+        // One batch plus one event (the largest a publish can carry) plus control replies.
+        .max_write_buffer_size(BATCH_MAX_BYTES + max_event_bytes + 64 * 1024)
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes))
+        .accept_unmasked_frames(false)
+}
+
+/// How the loop ended.
+enum Exit {
+    /// Send a close frame with this code and reason, then finish the closing handshake.
+    Close(CloseReason, CloseCode, &'static str),
+    /// The peer closed or vanished; flush what tungstenite owes it and stop.
+    Gone(CloseReason),
+    /// Server shutdown: flush the queue, say goodbye, close 1001.
+    Shutdown,
+}
+
+/// Releases everything the connection held, on every exit path (including a panic): its
+/// subscriptions, its registry entry and, by dropping the permit, its connection slot.
+struct Cleanup {
+    gateway: Arc<Gateway>,
+    shared: Arc<ConnShared>,
+    _permit: ConnPermit,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for topic in self.shared.take_subscriptions() {
+            self.gateway.hub.unsubscribe(&topic, self.shared.id);
+        }
+        self.gateway.registry.remove(self.shared.id);
+        let reason = self.shared.set_close_reason(CloseReason::Error);
+        self.gateway.metrics.closed(reason);
+        debug!(reason = reason.label(), "connection closed");
+    }
+}
+
+struct Conn<S> {
+    ws: WebSocketStream<S>,
+    rx: mpsc::Receiver<Utf8Bytes>,
+    gateway: Arc<Gateway>,
+    config: Arc<Config>,
+    shared: Arc<ConnShared>,
+    mode: Mode,
+    allowed_topics: Option<Arc<BTreeSet<TopicName>>>,
+    write_timeout: Duration,
+    last_rx: Instant,
+    last_app: Instant,
+    next_ping: Option<Instant>,
+    rate: RateLimiter,
+}
+
+/// Runs one WebSocket connection to its end.
+pub async fn run<S>(ws: WebSocketStream<S>, setup: ConnSetup)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ConnSetup {
+        gateway,
+        config,
+        shared,
+        rx,
+        permit,
+        mode,
+        allowed_topics,
+    } = setup;
+    gateway.registry.insert(Arc::clone(&shared));
+    gateway.metrics.connections_opened.fetch_add(1, Relaxed);
+    let _cleanup = Cleanup {
+        gateway: Arc::clone(&gateway),
+        shared: Arc::clone(&shared),
+        _permit: permit,
+    };
+    let now = Instant::now();
+    let limits = &config.limits;
+    let mut conn = Conn {
+        write_timeout: enabled(limits.heartbeat_timeout).unwrap_or(DEFAULT_WRITE_TIMEOUT),
+        next_ping: enabled(limits.heartbeat_interval).map(|i| now + i),
+        rate: RateLimiter::new(limits.max_message_rate_per_minute, now.into_std()),
+        last_rx: now,
+        last_app: now,
+        ws,
+        rx,
+        gateway,
+        config: Arc::clone(&config),
+        shared,
+        mode,
+        allowed_topics,
+    };
+    conn.shared.touch(now.into_std());
+    let exit = conn.serve().await;
+    conn.finish(exit).await;
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn serve(&mut self) -> Exit {
+        if self.mode == Mode::Client {
+            let l = &self.config.limits;
+            let hello = protocol::connection_established(
+                &self.shared.client_id,
+                AdvertisedLimits {
+                    max_subscriptions: l.max_subscriptions,
+                    message_rate_limit: l.max_message_rate_per_minute,
+                    idle_timeout_secs: l.idle_timeout.as_secs(),
+                },
+            );
+            if let Err(exit) = self.reply(hello).await {
+                return exit;
+            }
+        }
+        let mut goodbye_at: Option<Instant> = None;
+        let timer = sleep_until(self.next_deadline());
+        tokio::pin!(timer);
+        loop {
+            timer.as_mut().reset(self.next_deadline());
+            tokio::select! {
+                biased;
+                () = self.shared.kicked() => return self.kicked_exit(),
+                () = self.gateway.shutdown.cancelled(), if goodbye_at.is_none() => {
+                    goodbye_at = Some(Instant::now() + self.goodbye_delay());
+                }
+                () = sleep_until(goodbye_at.unwrap_or_else(Instant::now)), if goodbye_at.is_some() => {
+                    return Exit::Shutdown;
+                }
+                Some(event) = self.rx.recv() => {
+                    if let Err(exit) = self.write_events(event).await {
+                        return exit;
+                    }
+                }
+                frame = self.ws.next() => {
+                    if let Err(exit) = self.on_frame(frame).await {
+                        return exit;
+                    }
+                }
+                () = &mut timer => {
+                    if let Err(exit) = self.on_timer().await {
+                        return exit;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The nearest of the heartbeat, dead-peer and idle deadlines.
+    fn next_deadline(&self) -> Instant {
+        let l = &self.config.limits;
+        [
+            self.next_ping,
+            enabled(l.heartbeat_timeout).map(|t| self.last_rx + t),
+            enabled(l.idle_timeout).map(|t| self.last_app + t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| Instant::now() + FAR_FUTURE)
+    }
+
+    async fn on_timer(&mut self) -> Result<(), Exit> {
+        let now = Instant::now();
+        let l = &self.config.limits;
+        if enabled(l.heartbeat_timeout).is_some_and(|t| now >= self.last_rx + t) {
+            return Err(Exit::Gone(CloseReason::DeadPeer));
+        }
+        if enabled(l.idle_timeout).is_some_and(|t| now >= self.last_app + t) {
+            return Err(Exit::Close(CloseReason::Idle, CloseCode::Normal, "idle timeout"));
+        }
+        if let (Some(at), Some(every)) = (self.next_ping, enabled(l.heartbeat_interval)) {
+            if now >= at {
+                self.next_ping = Some(now + every);
+                self.send(Message::Ping(Default::default())).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Spreads goodbyes over `shutdown.close_spread` so that thousands of clients do not all
+    /// reconnect in the same millisecond: each connection waits a fixed fraction of the window
+    /// derived from its id (a multiplicative hash, so consecutive ids land far apart).
+    fn goodbye_delay(&self) -> Duration {
+        let spread = self.gateway.config().shutdown.close_spread;
+        let fraction = (self.shared.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        spread.mul_f64(fraction)
+    }
+
+    fn kicked_exit(&self) -> Exit {
+        match self.shared.close_reason() {
+            Some(CloseReason::SlowConsumer) => {
+                Exit::Close(CloseReason::SlowConsumer, CloseCode::Policy, "slow consumer")
+            }
+            Some(CloseReason::Kicked) => Exit::Close(CloseReason::Kicked, CloseCode::Policy, "disconnected by operator"),
+            Some(other) => Exit::Close(other, CloseCode::Policy, "closed by server"),
+            None => Exit::Close(CloseReason::Kicked, CloseCode::Policy, "closed by server"),
+        }
+    }
+
+    /// Writes `first` and whatever else is already queued, then flushes once.
+    async fn write_events(&mut self, first: Utf8Bytes) -> Result<(), Exit> {
+        let shared = Arc::clone(&self.shared);
+        let mut count = 0u64;
+        let write = async {
+            let mut bytes = first.len();
+            shared.dequeued(first.len());
+            self.ws.feed(Message::Text(first)).await?;
+            count += 1;
+            while bytes < BATCH_MAX_BYTES && (count as usize) < BATCH_MAX_MESSAGES {
+                let Ok(next) = self.rx.try_recv() else { break };
+                bytes += next.len();
+                shared.dequeued(next.len());
+                self.ws.feed(Message::Text(next)).await?;
+                count += 1;
+            }
+            self.ws.flush().await
+        };
+        let result = tokio::select! {
+            r = timeout(self.write_timeout, write) => r,
+            () = shared.kicked() => return Err(self.kicked_exit()),
+        };
+        self.after_write(result)?;
+        shared.messages_sent.fetch_add(count, Relaxed);
+        self.last_app = Instant::now();
+        shared.touch(self.last_app.into_std());
+        Ok(())
+    }
+
+    /// Sends one reply to the client.
+    async fn reply(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
+        self.send(Message::Text(text)).await?;
+        self.shared.messages_sent.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    async fn send(&mut self, msg: Message) -> Result<(), Exit> {
+        let shared = Arc::clone(&self.shared);
+        let result = tokio::select! {
+            r = timeout(self.write_timeout, self.ws.send(msg)) => r,
+            () = shared.kicked() => return Err(self.kicked_exit()),
+        };
+        self.after_write(result)
+    }
+
+    fn after_write(&self, result: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), Exit> {
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                Err(Exit::Gone(CloseReason::Client))
+            }
+            // The peer stopped reading long enough to fill every buffer between us.
+            Err(_) => Err(Exit::Gone(CloseReason::SlowConsumer)),
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Exit> {
+        let msg = match frame {
+            None => return Err(Exit::Gone(CloseReason::Client)),
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => return Err(read_error_exit(e)),
+        };
+        let now = Instant::now();
+        self.last_rx = now;
+        match msg {
+            Message::Text(text) => {
+                self.count_received(now)?;
+                match self.mode {
+                    Mode::Client => self.on_client_message(text.as_str()).await,
+                    Mode::Echo => self.send(Message::Text(text)).await,
+                }
+            }
+            Message::Binary(data) => match self.mode {
+                Mode::Client => Err(Exit::Close(
+                    CloseReason::Protocol,
+                    CloseCode::Unsupported,
+                    "binary messages are not supported",
+                )),
+                Mode::Echo => {
+                    self.count_received(now)?;
+                    self.send(Message::Binary(data)).await
+                }
+            },
+            // tungstenite answers pings itself; a pong only proves the peer is alive.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            Message::Close(_) => Err(Exit::Gone(CloseReason::Client)),
+        }
+    }
+
+    /// Counts an application message and applies the rate limit.
+    fn count_received(&mut self, now: Instant) -> Result<(), Exit> {
+        self.gateway.metrics.messages_received.fetch_add(1, Relaxed);
+        self.shared.messages_received.fetch_add(1, Relaxed);
+        self.last_app = now;
+        self.shared.touch(now.into_std());
+        Ok(())
+    }
+
+    async fn on_client_message(&mut self, text: &str) -> Result<(), Exit> {
+        match self.rate.check(Instant::now().into_std()) {
+            RateDecision::Allow => {}
+            RateDecision::Refuse => {
+                self.gateway.metrics.rate_limit_violations.fetch_add(1, Relaxed);
+                let limit = self.config.limits.max_message_rate_per_minute;
+                return self.reply(protocol::rate_limit_exceeded(limit)).await;
+            }
+            RateDecision::Disconnect => {
+                self.gateway.metrics.rate_limit_violations.fetch_add(1, Relaxed);
+                return Err(Exit::Close(CloseReason::RateLimit, CloseCode::Policy, "rate limit exceeded"));
+            }
+        }
+        let reply = match protocol::parse_client_message(text) {
+            Err(message) => protocol::error(&message),
+            Ok(ClientMessage::Ping) => protocol::pong(),
+            Ok(ClientMessage::Subscribe(names)) => self.subscribe(&names),
+            Ok(ClientMessage::Unsubscribe(names)) => self.unsubscribe(&names),
+            Ok(ClientMessage::GetStatus) => {
+                protocol::status(self.shared.info(), self.gateway.server_metrics())
+            }
+        };
+        self.reply(reply).await
+    }
+
+    /// Validates every name first: the request is applied whole or not at all.
+    fn topics(&self, names: &[String]) -> Result<Vec<TopicName>, Utf8Bytes> {
+        let current = self.gateway.config();
+        let mut out: Vec<TopicName> = Vec::with_capacity(names.len());
+        for name in names {
+            let topic = TopicName::parse(name, current.topics.max_name_length)
+                .ok()
+                .filter(|t| current.topics.allowed.as_ref().is_none_or(|a| a.contains(t)))
+                .filter(|t| self.allowed_topics.as_ref().is_none_or(|a| a.contains(t)))
+                .ok_or_else(|| protocol::invalid_event_type(name))?;
+            if !out.contains(&topic) {
+                out.push(topic);
+            }
+        }
+        Ok(out)
+    }
+
+    fn subscribe(&mut self, names: &[String]) -> Utf8Bytes {
+        let topics = match self.topics(names) {
+            Ok(t) => t,
+            Err(reply) => return reply,
+        };
+        let max = self.config.limits.max_subscriptions;
+        let new: Vec<&TopicName> = topics.iter().filter(|t| !self.shared.is_subscribed(t)).collect();
+        if self.shared.subscription_count() + new.len() > max {
+            return protocol::subscription_error(max);
+        }
+        for topic in new {
+            self.shared.add_subscription(topic.clone());
+            self.gateway.hub.subscribe(topic, &self.shared);
+        }
+        protocol::subscription_confirmed(&topics)
+    }
+
+    fn unsubscribe(&mut self, names: &[String]) -> Utf8Bytes {
+        // Unsubscribing needs no allowlist check: any syntactically valid name can be dropped.
+        let max_len = self.gateway.config().topics.max_name_length;
+        let mut topics: Vec<TopicName> = Vec::with_capacity(names.len());
+        for name in names {
+            match TopicName::parse(name, max_len) {
+                Ok(t) if !topics.contains(&t) => topics.push(t),
+                Ok(_) => {}
+                Err(_) => return protocol::invalid_event_type(name),
+            }
+        }
+        for topic in &topics {
+            if self.shared.remove_subscription(topic) {
+                self.gateway.hub.unsubscribe(topic, self.shared.id);
+            }
+        }
+        protocol::unsubscription_confirmed(&topics)
+    }
+
+    /// Ends the connection the way `exit` says, bounded in time whatever the peer does.
+    async fn finish(&mut self, exit: Exit) {
+        match exit {
+            Exit::Gone(reason) => {
+                self.shared.set_close_reason(reason);
+                // Flushes a close reply tungstenite may owe the peer; harmless otherwise.
+                let _ = timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
+            }
+            Exit::Close(reason, code, why) => {
+                self.shared.set_close_reason(reason);
+                self.close_handshake(code, why).await;
+            }
+            Exit::Shutdown => {
+                self.shared.set_close_reason(CloseReason::Shutdown);
+                let goodbye = async {
+                    while let Ok(event) = self.rx.try_recv() {
+                        self.ws.feed(Message::Text(event)).await?;
+                    }
+                    self.ws.feed(Message::Text(protocol::server_shutdown())).await?;
+                    self.ws.flush().await
+                };
+                if matches!(timeout(self.write_timeout.min(CLOSE_TIMEOUT), goodbye).await, Ok(Ok(()))) {
+                    self.close_handshake(CloseCode::Away, "server shutting down").await;
+                }
+            }
+        }
+    }
+
+    /// Sends a close frame and waits (briefly) for the peer's, reading and discarding anything
+    /// still in flight.
+    async fn close_handshake(&mut self, code: CloseCode, reason: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let closing = async {
+            self.ws.close(Some(frame)).await?;
+            while let Some(r) = self.ws.next().await {
+                r?;
+            }
+            Ok::<(), WsError>(())
+        };
+        let _ = timeout(CLOSE_TIMEOUT, closing).await;
+    }
+}
+
+/// Maps a read error to how the connection ends.
+fn read_error_exit(e: WsError) -> Exit {
+    match e {
+        WsError::Capacity(_) => Exit::Close(CloseReason::TooBig, CloseCode::Size, "message too big"),
+        WsError::Utf8(_) => Exit::Close(CloseReason::Protocol, CloseCode::Invalid, "invalid UTF-8"),
+        WsError::Protocol(p) => {
+            debug!(error = %p, "protocol violation");
+            Exit::Close(CloseReason::Protocol, CloseCode::Protocol, "protocol error")
+        }
+        WsError::ConnectionClosed | WsError::AlreadyClosed => Exit::Gone(CloseReason::Client),
+        other => {
+            debug!(error = %other, "read failed");
+            Exit::Gone(CloseReason::Client)
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The hub: topic -> subscribers, and the fan-out of one encoded event to them.
+//!
+//! The hub is the one place that owns each topic's order: a topic lives in exactly one shard and
+//! every publish to it happens under that shard's lock, so two publishes to one topic reach every
+//! subscriber's queue in the same order (and a future per-topic sequence number and history will
+//! be assigned right here, ordered against resumes by the same lock).
+//!
+//! The lock is a `std::sync::Mutex`: nothing under it awaits. Fan-out is `try_send` of a
+//! refcounted clone of bytes encoded once; a subscriber whose queue is full is kicked as a slow
+//! consumer, never waited for. Sharding keeps publishes to different topics from contending.
+//!
+//! Whatever produces events (the local publish endpoint today, a broker subscription tomorrow)
+//! calls `Hub::publish`; connections only ever see their queue, so the source can change without
+//! touching the connection code.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::metrics::Metrics;
+use crate::registry::{ConnShared, Delivery};
+use crate::topic::TopicName;
+
+/// Enough shards that publishes to different topics rarely meet on two cores, few enough that a
+/// listing of all topics stays cheap.
+const SHARDS: usize = 64;
+
+struct Topic {
+    subscribers: Vec<Arc<ConnShared>>,
+    /// Events published to this topic since it was created (the future resume sequence).
+    seq: u64,
+}
+
+/// Topic registry and fan-out. Bounded: a topic exists only while it has a subscriber, and
+/// subscriptions are bounded by connections × `max_subscriptions`.
+pub struct Hub {
+    shards: Box<[Mutex<HashMap<TopicName, Topic>>]>,
+    hasher: RandomState,
+    subscriptions: AtomicUsize,
+    topics: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            subscriptions: AtomicUsize::new(0),
+            topics: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    fn shard(&self, topic: &str) -> MutexGuard<'_, HashMap<TopicName, Topic>> {
+        let i = (self.hasher.hash_one(topic) as usize) % SHARDS;
+        // Every update under this lock is complete before anything could panic, so a poisoned
+        // lock still guards a consistent map.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `conn` to `topic`'s subscribers. The caller makes sure it is not there already.
+    pub fn subscribe(&self, topic: &TopicName, conn: &Arc<ConnShared>) {
+        let mut shard = self.shard(topic.as_str());
+        let entry = shard.entry(topic.clone()).or_insert_with(|| {
+            self.topics.fetch_add(1, Relaxed);
+            Topic {
+                subscribers: Vec::new(),
+                seq: 0,
+            }
+        });
+        entry.subscribers.push(Arc::clone(conn));
+        self.subscriptions.fetch_add(1, Relaxed);
+    }
+
+    /// Removes connection `id` from `topic`; drops the topic when nobody is left.
+    pub fn unsubscribe(&self, topic: &TopicName, id: u64) {
+        let mut shard = self.shard(topic.as_str());
+        let Some(entry) = shard.get_mut(topic.as_str()) else {
+            return;
+        };
+        if let Some(i) = entry.subscribers.iter().position(|c| c.id == id) {
+            entry.subscribers.swap_remove(i);
+            self.subscriptions.fetch_sub(1, Relaxed);
+        }
+        if entry.subscribers.is_empty() {
+            shard.remove(topic.as_str());
+            self.topics.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Queues `event` (already encoded) to every subscriber of `topic`; returns how many
+    /// connections it was queued for. Never waits for a subscriber.
+    pub fn publish(&self, topic: &TopicName, event: &Utf8Bytes) -> usize {
+        let start = Instant::now();
+        let mut delivered = 0;
+        let mut full = 0;
+        {
+            let mut shard = self.shard(topic.as_str());
+            if let Some(entry) = shard.get_mut(topic.as_str()) {
+                entry.seq += 1;
+                for conn in &entry.subscribers {
+                    match conn.try_deliver(event) {
+                        Delivery::Queued => delivered += 1,
+                        Delivery::Full => full += 1,
+                        Delivery::Closed => {}
+                    }
+                }
+            }
+        }
+        // Counted once per publish, not per subscriber.
+        self.metrics.messages_published.fetch_add(1, Relaxed);
+        self.metrics.messages_delivered.fetch_add(delivered as u64, Relaxed);
+        if full > 0 {
+            self.metrics.send_queue_full.fetch_add(full, Relaxed);
+        }
+        self.metrics.fanout_duration.observe(start.elapsed());
+        delivered
+    }
+
+    /// Subscribers per topic, sorted by topic name.
+    pub fn subscriber_counts(&self) -> Vec<(TopicName, usize)> {
+        let mut out = Vec::with_capacity(self.topics.load(Relaxed));
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(shard.iter().map(|(t, e)| (t.clone(), e.subscribers.len())));
+        }
+        out.sort();
+        out
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Relaxed)
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(s: &str) -> TopicName {
+        TopicName::parse(s, 128).unwrap()
+    }
+
+    fn conn(id: u64, queue: usize) -> (Arc<ConnShared>, tokio::sync::mpsc::Receiver<Utf8Bytes>) {
+        ConnShared::new(id, format!("c{id}").into(), "127.0.0.1".parse().unwrap(), queue, 1 << 20)
+    }
+
+    #[test]
+    fn publish_reaches_only_subscribers_in_order() {
+        let hub = Hub::new(Arc::default());
+        let (a, mut ra) = conn(1, 16);
+        let (b, mut rb) = conn(2, 16);
+        hub.subscribe(&topic("x"), &a);
+        hub.subscribe(&topic("y"), &b);
+        assert_eq!(hub.publish(&topic("x"), &Utf8Bytes::from("1")), 1);
+        assert_eq!(hub.publish(&topic("x"), &Utf8Bytes::from("2")), 1);
+        assert_eq!(hub.publish(&topic("z"), &Utf8Bytes::from("3")), 0);
+        assert_eq!(ra.try_recv().unwrap().as_str(), "1");
+        assert_eq!(ra.try_recv().unwrap().as_str(), "2");
+        assert!(ra.try_recv().is_err());
+        assert!(rb.try_recv().is_err());
+    }
+
+    #[test]
+    fn full_queue_kicks_slow_consumer_without_blocking_others() {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(Arc::clone(&metrics));
+        let (slow, _rs) = conn(1, 2);
+        let (fast, mut rf) = conn(2, 100);
+        hub.subscribe(&topic("t"), &slow);
+        hub.subscribe(&topic("t"), &fast);
+        let counts: Vec<_> = (0..5).map(|i| hub.publish(&topic("t"), &Utf8Bytes::from(i.to_string()))).collect();
+        assert_eq!(counts, [2, 2, 1, 1, 1]);
+        assert_eq!(slow.close_reason(), Some(crate::metrics::CloseReason::SlowConsumer));
+        assert_eq!((0..5).filter(|_| rf.try_recv().is_ok()).count(), 5);
+        assert_eq!(metrics.send_queue_full.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn byte_budget_is_enforced() {
+        let hub = Hub::new(Arc::default());
+        let (c, _r) = ConnShared::new(1, "c".into(), "127.0.0.1".parse().unwrap(), 100, 1000);
+        hub.subscribe(&topic("t"), &c);
+        let big = Utf8Bytes::from("x".repeat(600));
+        assert_eq!(hub.publish(&topic("t"), &big), 1);
+        assert_eq!(hub.publish(&topic("t"), &big), 0);
+        assert_eq!(c.close_reason(), Some(crate::metrics::CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn unsubscribe_removes_empty_topics() {
+        let hub = Hub::new(Arc::default());
+        let (a, _ra) = conn(1, 4);
+        let (b, _rb) = conn(2, 4);
+        hub.subscribe(&topic("x"), &a);
+        hub.subscribe(&topic("x"), &b);
+        assert_eq!(hub.subscriber_counts(), vec![(topic("x"), 2)]);
+        hub.unsubscribe(&topic("x"), 1);
+        hub.unsubscribe(&topic("x"), 1);
+        assert_eq!(hub.subscription_count(), 1);
+        hub.unsubscribe(&topic("x"), 2);
+        assert_eq!(hub.topic_count(), 0);
+        assert_eq!(hub.subscription_count(), 0);
+        assert!(hub.subscriber_counts().is_empty());
+    }
+}

@@ -1,0 +1,247 @@
+//! The client JSON protocol, both ways: parsing what a client sends and building what the server
+//! sends. The message shapes are a contract with an existing frontend; keep them exactly.
+
+use std::time::SystemTime;
+
+use serde_json::{json, Map, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::topic::TopicName;
+
+/// Unknown `type` values are echoed back in the error, cut to this many characters so that a
+/// client cannot make the server reflect a large payload.
+const MAX_ECHOED_TYPE_CHARS: usize = 64;
+
+/// A client message that parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+    Ping,
+    GetStatus,
+}
+
+/// Parses one client text frame. The error is the `message` of the `error` reply.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, String> {
+    let value: Value = serde_json::from_str(text).map_err(|_| "Invalid JSON format".to_owned())?;
+    let Value::Object(mut obj) = value else {
+        return Err("Message must be a JSON object".to_owned());
+    };
+    let kind = match obj.get("type") {
+        None => return Err("Missing message type".to_owned()),
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err("Message type must be a string".to_owned()),
+    };
+    match kind {
+        "subscribe" => Ok(ClientMessage::Subscribe(events(&mut obj)?)),
+        "unsubscribe" => Ok(ClientMessage::Unsubscribe(events(&mut obj)?)),
+        "ping" => Ok(ClientMessage::Ping),
+        "get_status" => Ok(ClientMessage::GetStatus),
+        other => {
+            let shown: String = other.chars().take(MAX_ECHOED_TYPE_CHARS).collect();
+            Err(format!("Unknown message type: {shown}"))
+        }
+    }
+}
+
+fn events(obj: &mut Map<String, Value>) -> Result<Vec<String>, String> {
+    const WHAT: &str = "events must be a list of strings";
+    match obj.remove("events") {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(WHAT.to_owned()),
+            })
+            .collect(),
+        _ => Err(WHAT.to_owned()),
+    }
+}
+
+/// Current time as RFC 3339 with milliseconds, UTC.
+pub fn timestamp() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// RFC 3339 of a given time.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn text(v: Value) -> Utf8Bytes {
+    Utf8Bytes::from(v.to_string())
+}
+
+/// What `connection_established` advertises about the connection's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct AdvertisedLimits {
+    pub max_subscriptions: usize,
+    pub message_rate_limit: u32,
+    pub idle_timeout_secs: u64,
+}
+
+pub fn connection_established(client_id: &str, limits: AdvertisedLimits) -> Utf8Bytes {
+    // Whole minutes stay integers (the frontend shows them); a fractional timeout stays exact.
+    let minutes: Value = if limits.idle_timeout_secs % 60 == 0 {
+        json!(limits.idle_timeout_secs / 60)
+    } else {
+        json!(limits.idle_timeout_secs as f64 / 60.0)
+    };
+    text(json!({
+        "type": "connection_established",
+        "client_id": client_id,
+        "server_time": timestamp(),
+        "connection_limits": {
+            "max_subscriptions": limits.max_subscriptions,
+            "message_rate_limit": limits.message_rate_limit,
+            "idle_timeout_minutes": minutes,
+        }
+    }))
+}
+
+pub fn subscription_confirmed(events: &[TopicName]) -> Utf8Bytes {
+    text(json!({"type": "subscription_confirmed", "events": events_json(events), "timestamp": timestamp()}))
+}
+
+pub fn unsubscription_confirmed(events: &[TopicName]) -> Utf8Bytes {
+    text(json!({"type": "unsubscription_confirmed", "events": events_json(events), "timestamp": timestamp()}))
+}
+
+fn events_json(events: &[TopicName]) -> Value {
+    Value::Array(events.iter().map(|t| Value::String(t.as_str().to_owned())).collect())
+}
+
+pub fn error(message: &str) -> Utf8Bytes {
+    text(json!({"type": "error", "message": message, "timestamp": timestamp()}))
+}
+
+pub fn invalid_event_type(name: &str) -> Utf8Bytes {
+    let shown: String = name.chars().take(MAX_ECHOED_TYPE_CHARS * 4).collect();
+    error(&format!("Invalid event type: {shown}"))
+}
+
+pub fn subscription_error(max: usize) -> Utf8Bytes {
+    text(json!({
+        "type": "subscription_error",
+        "error": format!("Maximum subscriptions ({max}) reached"),
+        "timestamp": timestamp(),
+    }))
+}
+
+pub fn pong() -> Utf8Bytes {
+    text(json!({"type": "pong", "timestamp": timestamp()}))
+}
+
+pub fn rate_limit_exceeded(per_minute: u32) -> Utf8Bytes {
+    text(json!({
+        "type": "rate_limit_exceeded",
+        "message": format!("Rate limit exceeded. Maximum {per_minute} messages per minute."),
+        "timestamp": timestamp(),
+    }))
+}
+
+pub fn server_shutdown() -> Utf8Bytes {
+    text(json!({"type": "server_shutdown", "message": "Server is shutting down", "timestamp": timestamp()}))
+}
+
+pub fn status(connection_info: Value, server_metrics: Value) -> Utf8Bytes {
+    text(json!({
+        "type": "status",
+        "connection_info": connection_info,
+        "server_metrics": server_metrics,
+        "timestamp": timestamp(),
+    }))
+}
+
+/// Encodes a published event once for every subscriber: the publisher's object with
+/// `event_type` and `timestamp` added, or overwritten in place.
+pub fn encode_event(topic: &TopicName, mut message: Map<String, Value>, timestamp: &str) -> Utf8Bytes {
+    message.insert("event_type".to_owned(), Value::String(topic.as_str().to_owned()));
+    message.insert("timestamp".to_owned(), Value::String(timestamp.to_owned()));
+    Utf8Bytes::from(Value::Object(message).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(text: &str) -> String {
+        parse_client_message(text).unwrap_err()
+    }
+
+    #[test]
+    fn parses_every_message_type() {
+        assert_eq!(
+            parse_client_message(r#"{"type":"subscribe","events":["a","b"]}"#),
+            Ok(ClientMessage::Subscribe(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"unsubscribe","events":["a"]}"#),
+            Ok(ClientMessage::Unsubscribe(vec!["a".into()]))
+        );
+        assert_eq!(parse_client_message(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping));
+        assert_eq!(parse_client_message(r#"{"type":"get_status","x":1}"#), Ok(ClientMessage::GetStatus));
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(err("not json"), "Invalid JSON format");
+        assert_eq!(err("{\"type\":"), "Invalid JSON format");
+        assert_eq!(err("[1,2]"), "Message must be a JSON object");
+        assert_eq!(err("\"ping\""), "Message must be a JSON object");
+        assert_eq!(err("{}"), "Missing message type");
+        assert_eq!(err(r#"{"type":5}"#), "Message type must be a string");
+        assert_eq!(err(r#"{"type":"dance"}"#), "Unknown message type: dance");
+        assert_eq!(err(r#"{"type":"subscribe"}"#), "events must be a list of strings");
+        assert_eq!(err(r#"{"type":"subscribe","events":"a"}"#), "events must be a list of strings");
+        assert_eq!(err(r#"{"type":"subscribe","events":["a",1]}"#), "events must be a list of strings");
+    }
+
+    #[test]
+    fn unknown_type_echo_is_bounded() {
+        let long = "x".repeat(10_000);
+        let e = err(&format!(r#"{{"type":"{long}"}}"#));
+        assert_eq!(e.len(), "Unknown message type: ".len() + MAX_ECHOED_TYPE_CHARS);
+    }
+
+    #[test]
+    fn event_keeps_publisher_fields_in_order_and_adds_two() {
+        let topic = TopicName::parse("cache_metrics", 128).unwrap();
+        let msg: Value = serde_json::from_str(r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"old"}"#).unwrap();
+        let Value::Object(map) = msg else { unreachable!() };
+        let out = encode_event(&topic, map, "2026-01-01T00:00:00.000Z");
+        assert_eq!(
+            out.as_str(),
+            r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"2026-01-01T00:00:00.000Z","event_type":"cache_metrics"}"#
+        );
+    }
+
+    #[test]
+    fn idle_minutes_are_integers_when_whole() {
+        let limits = AdvertisedLimits { max_subscriptions: 10, message_rate_limit: 30, idle_timeout_secs: 300 };
+        let v: Value = serde_json::from_str(connection_established("c1", limits).as_str()).unwrap();
+        assert_eq!(v["connection_limits"]["idle_timeout_minutes"], json!(5));
+        assert_eq!(v["connection_limits"]["max_subscriptions"], json!(10));
+        assert_eq!(v["connection_limits"]["message_rate_limit"], json!(30));
+        assert_eq!(v["type"], "connection_established");
+        assert_eq!(v["client_id"], "c1");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(s in any::<String>()) {
+            let _ = parse_client_message(&s);
+        }
+
+        #[test]
+        fn arbitrary_json_shapes_never_panic(kind in prop_oneof![Just("subscribe".to_owned()), Just("unsubscribe".to_owned()), Just("ping".to_owned()), ".*"],
+                                             events in proptest::collection::vec(any::<String>(), 0..5)) {
+            let v = json!({"type": kind, "events": events});
+            let parsed = parse_client_message(&v.to_string());
+            if kind == "subscribe" {
+                prop_assert_eq!(parsed, Ok(ClientMessage::Subscribe(events)));
+            }
+        }
+    }
+}

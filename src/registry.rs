@@ -1,0 +1,257 @@
+//! The table of open connections, and `ConnShared`: what other tasks (the hub, the admin
+//! endpoints) may see of, and do to, one connection.
+//!
+//! A connection's own task owns its socket; everybody else reaches it only through `ConnShared`:
+//! queue an event (`try_deliver`, never waits), read its counters, or ask it to close (`kick`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::metrics::CloseReason;
+use crate::protocol::rfc3339;
+use crate::topic::TopicName;
+
+/// Result of offering an event to a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The queue was full (messages or bytes): the connection is being closed as a slow consumer.
+    Full,
+    /// The connection is closing; nothing was queued.
+    Closed,
+}
+
+/// One connection as seen from outside its task.
+pub struct ConnShared {
+    pub id: u64,
+    pub client_id: Box<str>,
+    pub ip: IpAddr,
+    pub connected_at: SystemTime,
+    started: Instant,
+    tx: mpsc::Sender<Utf8Bytes>,
+    queue_capacity: usize,
+    max_queued_bytes: usize,
+    queued_bytes: AtomicUsize,
+    /// Milliseconds since `started` of the last application message in either direction.
+    last_activity_ms: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    /// Topics subscribed to; bounded by the connection's `max_subscriptions`. The connection
+    /// task is the only writer; the lock is never held across an `.await`.
+    subscriptions: Mutex<Vec<TopicName>>,
+    /// 0 while open; a `CloseReason` once something decided to close it.
+    close_reason: AtomicU8,
+    kick: Notify,
+}
+
+impl ConnShared {
+    /// Creates the shared half and the receiving end of its bounded outbound queue.
+    pub fn new(
+        id: u64,
+        client_id: Box<str>,
+        ip: IpAddr,
+        queue_messages: usize,
+        queue_bytes: usize,
+    ) -> (Arc<ConnShared>, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(queue_messages.max(1));
+        let shared = Arc::new(ConnShared {
+            id,
+            client_id,
+            ip,
+            connected_at: SystemTime::now(),
+            started: Instant::now(),
+            tx,
+            queue_capacity: queue_messages.max(1),
+            max_queued_bytes: queue_bytes,
+            queued_bytes: AtomicUsize::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
+            subscriptions: Mutex::new(Vec::new()),
+            close_reason: AtomicU8::new(0),
+            kick: Notify::new(),
+        });
+        (shared, rx)
+    }
+
+    /// Queues an event without waiting. A full queue (by count or by bytes) marks the connection
+    /// as a slow consumer: it is closed rather than allowed to hold memory or slow the publisher.
+    pub fn try_deliver(&self, event: &Utf8Bytes) -> Delivery {
+        if self.close_reason.load(Relaxed) != 0 {
+            return Delivery::Closed;
+        }
+        let len = event.len();
+        let before = self.queued_bytes.fetch_add(len, Relaxed);
+        if before + len > self.max_queued_bytes && before > 0 {
+            // One event larger than the whole byte budget still goes through on an empty queue;
+            // the publish body cap bounds it.
+            self.queued_bytes.fetch_sub(len, Relaxed);
+            self.kick(CloseReason::SlowConsumer);
+            return Delivery::Full;
+        }
+        match self.tx.try_send(event.clone()) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Relaxed);
+                self.kick(CloseReason::SlowConsumer);
+                Delivery::Full
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(len, Relaxed);
+                Delivery::Closed
+            }
+        }
+    }
+
+    /// Called by the connection task for each event it takes off the queue.
+    pub fn dequeued(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Relaxed);
+    }
+
+    /// Events waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue_capacity.saturating_sub(self.tx.capacity())
+    }
+
+    /// Asks the connection to close for `reason`. The first reason wins.
+    pub fn kick(&self, reason: CloseReason) {
+        if self
+            .close_reason
+            .compare_exchange(0, reason as u8, Relaxed, Relaxed)
+            .is_ok()
+        {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Records the reason the connection task itself decided on (if nobody decided before).
+    pub fn set_close_reason(&self, reason: CloseReason) -> CloseReason {
+        match self.close_reason.compare_exchange(0, reason as u8, Relaxed, Relaxed) {
+            Ok(_) => reason,
+            Err(prev) => CloseReason::from_u8(prev).unwrap_or(reason),
+        }
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.close_reason.load(Relaxed))
+    }
+
+    /// Resolves when someone called `kick`.
+    pub async fn kicked(&self) {
+        self.kick.notified().await;
+    }
+
+    pub fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.started).as_millis();
+        self.last_activity_ms.store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    pub fn idle_seconds(&self) -> f64 {
+        let now_ms = self.started.elapsed().as_millis() as f64;
+        ((now_ms - self.last_activity_ms.load(Relaxed) as f64) / 1000.0).max(0.0)
+    }
+
+    fn lock_subscriptions(&self) -> MutexGuard<'_, Vec<TopicName>> {
+        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscriptions(&self) -> Vec<TopicName> {
+        self.lock_subscriptions().clone()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.lock_subscriptions().len()
+    }
+
+    pub fn is_subscribed(&self, topic: &TopicName) -> bool {
+        self.lock_subscriptions().contains(topic)
+    }
+
+    pub fn add_subscription(&self, topic: TopicName) {
+        self.lock_subscriptions().push(topic);
+    }
+
+    pub fn remove_subscription(&self, topic: &TopicName) -> bool {
+        let mut subs = self.lock_subscriptions();
+        match subs.iter().position(|t| t == topic) {
+            Some(i) => {
+                subs.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn take_subscriptions(&self) -> Vec<TopicName> {
+        std::mem::take(&mut *self.lock_subscriptions())
+    }
+
+    /// The `connection_info` object of `get_status` and the admin listings.
+    pub fn info(&self) -> Value {
+        json!({
+            "client_id": &*self.client_id,
+            "client_ip": self.ip.to_string(),
+            "state": if self.close_reason().is_some() { "closing" } else { "connected" },
+            "connected_at": rfc3339(self.connected_at),
+            "age_seconds": self.started.elapsed().as_secs_f64(),
+            "idle_time_seconds": self.idle_seconds(),
+            "messages_sent": self.messages_sent.load(Relaxed),
+            "messages_received": self.messages_received.load(Relaxed),
+            "queue_depth": self.queue_depth(),
+            "subscriptions": self.subscriptions().iter().map(TopicName::as_str).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Open connections by internal id. Bounded by `limits.max_total_connections`: an entry exists
+/// only while its connection holds a `ConnPermit`.
+#[derive(Default)]
+pub struct Registry {
+    conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnShared>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, conn: Arc<ConnShared>) {
+        self.lock().insert(conn.id, conn);
+    }
+
+    pub fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot, oldest first, filtered; at most `limit` entries.
+    pub fn list(&self, limit: usize, filter: impl Fn(&ConnShared) -> bool) -> Vec<Arc<ConnShared>> {
+        let mut all: Vec<Arc<ConnShared>> = self.lock().values().filter(|c| filter(c)).cloned().collect();
+        all.sort_by_key(|c| c.id);
+        all.truncate(limit);
+        all
+    }
+
+    /// Every connection whose client id is `client_id` (ids set by an auth backend may repeat).
+    pub fn find_client(&self, client_id: &str) -> Vec<Arc<ConnShared>> {
+        self.lock()
+            .values()
+            .filter(|c| &*c.client_id == client_id)
+            .cloned()
+            .collect()
+    }
+}

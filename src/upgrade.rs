@@ -1,0 +1,163 @@
+//! The WebSocket handshake: check the request, admit it against the connection limits, answer
+//! 101, and hand the upgraded socket to its own connection task.
+//!
+//! Everything a client can be refused for is decided here, before the upgrade, with an HTTP
+//! status and a JSON body it can read. permessage-deflate is never negotiated (a compression bomb
+//! would defeat the message size limit), so no `Sec-WebSocket-Extensions` is ever answered.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::time::timeout_at;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info_span, Instrument};
+
+use crate::connection::{self, ConnSetup, Mode};
+use crate::http::{full, json_error, Body};
+use crate::limits::Refusal;
+use crate::listener::ConnInfo;
+use crate::metrics::RejectReason;
+use crate::registry::ConnShared;
+use crate::state::Gateway;
+
+/// Seconds a refused client is asked to wait before retrying.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// Handles a request on the WebSocket (or echo) path.
+pub fn accept(gateway: &Arc<Gateway>, req: Request<Incoming>, info: ConnInfo, client_ip: IpAddr, mode: Mode) -> Response<Body> {
+    if gateway.is_draining() {
+        gateway.metrics.rejected(RejectReason::ShuttingDown);
+        return with_retry_after(json_error(StatusCode::SERVICE_UNAVAILABLE, "Server is shutting down"));
+    }
+    let key = match check_handshake(&req) {
+        Ok(key) => key,
+        Err(resp) => {
+            gateway.metrics.rejected(RejectReason::BadHandshake);
+            return resp;
+        }
+    };
+    let config = gateway.config();
+    let permit = match gateway.limiter.try_acquire(client_ip) {
+        Ok(p) => p,
+        Err(refusal) => {
+            gateway.metrics.rejected(refusal.reason());
+            debug!(%client_ip, ?refusal, "connection refused");
+            let resp = match refusal {
+                Refusal::Total(max) => {
+                    json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("Maximum connections ({max}) reached"))
+                }
+                Refusal::PerIp(max) => json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!("Maximum connections per IP ({max}) reached"),
+                ),
+            };
+            return with_retry_after(resp);
+        }
+    };
+
+    let (id, client_id) = gateway.next_ids();
+    let limits = &config.limits;
+    let (shared, rx) = ConnShared::new(
+        id,
+        client_id.into_boxed_str(),
+        client_ip,
+        limits.send_queue_messages,
+        limits.send_queue_bytes,
+    );
+    let ws_config = connection::ws_config(limits, config.admin.max_publish_bytes);
+    let span = info_span!("conn", id = %shared.client_id, ip = %client_ip);
+    let gw = Arc::clone(gateway);
+    let deadline = info.handshake_deadline;
+    gateway.tracker.spawn(
+        async move {
+            let upgrade = hyper::upgrade::on(req);
+            let upgraded = match deadline {
+                Some(d) => match timeout_at(d, upgrade).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        gw.metrics.rejected(RejectReason::HandshakeTimeout);
+                        debug!("upgrade not completed before the handshake deadline");
+                        return;
+                    }
+                },
+                None => upgrade.await,
+            };
+            let upgraded = match upgraded {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+            let setup = ConnSetup {
+                gateway: gw,
+                config,
+                shared,
+                rx,
+                permit,
+                mode,
+                allowed_topics: None,
+            };
+            connection::run(ws, setup).await;
+        }
+        .instrument(span),
+    );
+
+    let mut resp = Response::new(full(""));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+fn with_retry_after(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    resp
+}
+
+/// Checks an RFC 6455 opening handshake; returns the client's key.
+fn check_handshake(req: &Request<Incoming>) -> Result<HeaderValue, Response<Body>> {
+    let h = req.headers();
+    let upgrade_ok = has_token(h, &header::UPGRADE, "websocket");
+    let connection_ok = has_token(h, &header::CONNECTION, "upgrade");
+    if req.method() != Method::GET || !upgrade_ok || !connection_ok {
+        let mut resp = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "This endpoint only accepts WebSocket upgrades (GET with Upgrade: websocket)",
+        );
+        resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return Err(resp);
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut resp = json_error(StatusCode::UPGRADE_REQUIRED, "Unsupported WebSocket version (13 required)");
+        resp.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(resp);
+    }
+    match h.get(header::SEC_WEBSOCKET_KEY) {
+        // A key is 16 random bytes in base64: 24 characters.
+        Some(k) if k.len() == 24 => Ok(k.clone()),
+        _ => Err(json_error(StatusCode::BAD_REQUEST, "Missing or invalid Sec-WebSocket-Key")),
+    }
+}
+
+/// Whether a comma-separated header (any of its lines) contains `token`, case-insensitively.
+fn has_token(h: &HeaderMap, name: &header::HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
