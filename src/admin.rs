@@ -41,8 +41,12 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response<B
         _ => return json_error(StatusCode::NOT_FOUND, "Not found"),
     };
     if method.as_str() != allowed {
-        let mut resp = json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("Method not allowed; use {allowed}"));
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+        let mut resp = json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("Method not allowed; use {allowed}"),
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allowed));
         return resp;
     }
     if needs_token && !authorized(&gateway, &req) {
@@ -147,7 +151,12 @@ fn status(gateway: &Gateway, query: &str) -> Response<Body> {
         }
     }
     let (_, health) = gateway.health();
-    let conns: Vec<Value> = gateway.registry.list(limit, |_| true).iter().map(|c| c.info()).collect();
+    let conns: Vec<Value> = gateway
+        .registry
+        .list(limit, |_| true)
+        .iter()
+        .map(|c| c.info())
+        .collect();
     json_response(
         StatusCode::OK,
         &json!({
@@ -194,12 +203,18 @@ fn kick(gateway: &Gateway, client_id: &str) -> Response<Body> {
     let id = percent_decode(client_id);
     let found = gateway.registry.find_client(&id);
     if found.is_empty() {
-        return json_error(StatusCode::NOT_FOUND, &format!("No connection with client_id {id:?}"));
+        return json_error(
+            StatusCode::NOT_FOUND,
+            &format!("No connection with client_id {id:?}"),
+        );
     }
     for conn in &found {
         conn.kick(CloseReason::Kicked);
     }
-    json_response(StatusCode::OK, &json!({ "disconnected": found.len(), "client_id": id }))
+    json_response(
+        StatusCode::OK,
+        &json!({ "disconnected": found.len(), "client_id": id }),
+    )
 }
 
 #[cfg(test)]

@@ -69,10 +69,7 @@ impl fmt::Display for ConfigError {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}", .0.iter().map(|e| e.0.as_str()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigError>),
 }
@@ -281,7 +278,9 @@ impl Config {
             .map_err(|e| LoadError::Invalid(vec![ConfigError(format!("invalid config: {e}"))]))?;
         let mut v = Validator::default();
         for key in unknown {
-            v.err(format!("unknown key {key} (check the spelling; see config/wsgate.toml)"));
+            v.err(format!(
+                "unknown key {key} (check the spelling; see config/wsgate.toml)"
+            ));
         }
         let config = v.config(file);
         match config {
@@ -444,7 +443,11 @@ impl Validator {
                 l.handshake_timeout.as_deref(),
                 DEFAULT_HANDSHAKE_TIMEOUT,
             ),
-            idle_timeout: self.duration("limits.idle_timeout", l.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT),
+            idle_timeout: self.duration(
+                "limits.idle_timeout",
+                l.idle_timeout.as_deref(),
+                DEFAULT_IDLE_TIMEOUT,
+            ),
             heartbeat_interval: self.duration(
                 "limits.heartbeat_interval",
                 l.heartbeat_interval.as_deref(),
@@ -477,7 +480,10 @@ impl Validator {
                 1_000_000,
             ),
         };
-        if let (Some(i), Some(t)) = (enabled(limits.heartbeat_interval), enabled(limits.heartbeat_timeout)) {
+        if let (Some(i), Some(t)) = (
+            enabled(limits.heartbeat_interval),
+            enabled(limits.heartbeat_timeout),
+        ) {
             if t <= i {
                 self.err(format!(
                     "limits.heartbeat_timeout ({}) must be longer than limits.heartbeat_interval ({}), \
@@ -533,8 +539,11 @@ impl Validator {
             DEFAULT_DRAIN_TIMEOUT,
         );
         let default_spread = humantime::format_duration(drain_timeout / 2).to_string();
-        let close_spread =
-            self.duration("shutdown.close_spread", f.shutdown.close_spread.as_deref(), &default_spread);
+        let close_spread = self.duration(
+            "shutdown.close_spread",
+            f.shutdown.close_spread.as_deref(),
+            &default_spread,
+        );
         if close_spread > drain_timeout {
             self.err(format!(
                 "shutdown.close_spread ({}) must not exceed shutdown.drain_timeout ({})",
@@ -663,7 +672,11 @@ mod tests {
     fn unknown_keys_are_named_with_their_table() {
         let e = errors("[limits]\nmax_total_conections = 5\n[bogus]\nx = 1\n");
         assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("unknown key limits.max_total_conections")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("unknown key limits.max_total_conections")),
+            "{e:?}"
+        );
         assert!(e.iter().any(|m| m.starts_with("unknown key bogus")), "{e:?}");
     }
 
@@ -709,7 +722,8 @@ mod tests {
     fn public_admin_listener_needs_a_token_and_the_token_never_leaks() {
         let e = errors("[admin]\nlisten = \"0.0.0.0:9090\"\n");
         assert!(e[0].starts_with("admin.listen is 0.0.0.0:9090"), "{e:?}");
-        let c = Config::parse("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"s3cr3t-s3cr3t-s3cr3t\"\n").unwrap();
+        let c =
+            Config::parse("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"s3cr3t-s3cr3t-s3cr3t\"\n").unwrap();
         let debug = format!("{c:?}");
         assert!(!debug.contains("s3cr3t"), "token leaked into Debug output");
         let short = errors("[admin]\ntoken = \"tiny-secret\"\n");

@@ -15,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -256,7 +257,8 @@ where
     /// derived from its id (a multiplicative hash, so consecutive ids land far apart).
     fn goodbye_delay(&self) -> Duration {
         let spread = self.gateway.config().shutdown.close_spread;
-        let fraction = (self.shared.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        let fraction =
+            (self.shared.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
         spread.mul_f64(fraction)
     }
 
@@ -265,7 +267,9 @@ where
             Some(CloseReason::SlowConsumer) => {
                 Exit::Close(CloseReason::SlowConsumer, CloseCode::Policy, "slow consumer")
             }
-            Some(CloseReason::Kicked) => Exit::Close(CloseReason::Kicked, CloseCode::Policy, "disconnected by operator"),
+            Some(CloseReason::Kicked) => {
+                Exit::Close(CloseReason::Kicked, CloseCode::Policy, "disconnected by operator")
+            }
             Some(other) => Exit::Close(other, CloseCode::Policy, "closed by server"),
             None => Exit::Close(CloseReason::Kicked, CloseCode::Policy, "closed by server"),
         }
@@ -316,7 +320,10 @@ where
         self.after_write(result)
     }
 
-    fn after_write(&self, result: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), Exit> {
+    fn after_write(
+        &self,
+        result: Result<Result<(), WsError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), Exit> {
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -380,7 +387,11 @@ where
             }
             RateDecision::Disconnect => {
                 self.gateway.metrics.rate_limit_violations.fetch_add(1, Relaxed);
-                return Err(Exit::Close(CloseReason::RateLimit, CloseCode::Policy, "rate limit exceeded"));
+                return Err(Exit::Close(
+                    CloseReason::RateLimit,
+                    CloseCode::Policy,
+                    "rate limit exceeded",
+                ));
             }
         }
         let reply = match protocol::parse_client_message(text) {
@@ -469,8 +480,12 @@ where
                     self.ws.feed(Message::Text(protocol::server_shutdown())).await?;
                     self.ws.flush().await
                 };
-                if matches!(timeout(self.write_timeout.min(CLOSE_TIMEOUT), goodbye).await, Ok(Ok(()))) {
-                    self.close_handshake(CloseCode::Away, "server shutting down").await;
+                if matches!(
+                    timeout(self.write_timeout.min(CLOSE_TIMEOUT), goodbye).await,
+                    Ok(Ok(()))
+                ) {
+                    self.close_handshake(CloseCode::Away, "server shutting down")
+                        .await;
                 }
             }
         }
@@ -499,6 +514,8 @@ fn read_error_exit(e: WsError) -> Exit {
     match e {
         WsError::Capacity(_) => Exit::Close(CloseReason::TooBig, CloseCode::Size, "message too big"),
         WsError::Utf8(_) => Exit::Close(CloseReason::Protocol, CloseCode::Invalid, "invalid UTF-8"),
+        // The peer vanished without a close frame: a client going away, not a violation.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Exit::Gone(CloseReason::Client),
         WsError::Protocol(p) => {
             debug!(error = %p, "protocol violation");
             Exit::Close(CloseReason::Protocol, CloseCode::Protocol, "protocol error")

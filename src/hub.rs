@@ -114,7 +114,9 @@ impl Hub {
         }
         // Counted once per publish, not per subscriber.
         self.metrics.messages_published.fetch_add(1, Relaxed);
-        self.metrics.messages_delivered.fetch_add(delivered as u64, Relaxed);
+        self.metrics
+            .messages_delivered
+            .fetch_add(delivered as u64, Relaxed);
         if full > 0 {
             self.metrics.send_queue_full.fetch_add(full, Relaxed);
         }
@@ -151,7 +153,13 @@ mod tests {
     }
 
     fn conn(id: u64, queue: usize) -> (Arc<ConnShared>, tokio::sync::mpsc::Receiver<Utf8Bytes>) {
-        ConnShared::new(id, format!("c{id}").into(), "127.0.0.1".parse().unwrap(), queue, 1 << 20)
+        ConnShared::new(
+            id,
+            format!("c{id}").into(),
+            "127.0.0.1".parse().unwrap(),
+            queue,
+            1 << 20,
+        )
     }
 
     #[test]
@@ -178,9 +186,14 @@ mod tests {
         let (fast, mut rf) = conn(2, 100);
         hub.subscribe(&topic("t"), &slow);
         hub.subscribe(&topic("t"), &fast);
-        let counts: Vec<_> = (0..5).map(|i| hub.publish(&topic("t"), &Utf8Bytes::from(i.to_string()))).collect();
+        let counts: Vec<_> = (0..5)
+            .map(|i| hub.publish(&topic("t"), &Utf8Bytes::from(i.to_string())))
+            .collect();
         assert_eq!(counts, [2, 2, 1, 1, 1]);
-        assert_eq!(slow.close_reason(), Some(crate::metrics::CloseReason::SlowConsumer));
+        assert_eq!(
+            slow.close_reason(),
+            Some(crate::metrics::CloseReason::SlowConsumer)
+        );
         assert_eq!((0..5).filter(|_| rf.try_recv().is_ok()).count(), 5);
         assert_eq!(metrics.send_queue_full.load(Relaxed), 1);
     }

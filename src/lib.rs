@@ -73,21 +73,25 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both addresses of `config`.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let public = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("server.listen {}: {e}", config.server.listen)))?;
-        let admin = TcpListener::bind(config.admin.listen)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("admin.listen {}: {e}", config.admin.listen)))?;
+        let public = TcpListener::bind(config.server.listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("server.listen {}: {e}", config.server.listen))
+        })?;
+        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("admin.listen {}: {e}", config.admin.listen))
+        })?;
         Ok(Listeners { public, admin })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
-        self.public.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.public
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 }
 

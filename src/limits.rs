@@ -275,7 +275,10 @@ mod tests {
         let t0 = Instant::now();
         let mut r = RateLimiter::new(30, t0);
         let decisions: Vec<_> = (0..40).map(|_| r.check(t0)).collect();
-        assert_eq!(decisions.iter().filter(|d| **d == RateDecision::Allow).count(), 30);
+        assert_eq!(
+            decisions.iter().filter(|d| **d == RateDecision::Allow).count(),
+            30
+        );
         assert_eq!(decisions[30..], [RateDecision::Refuse; 10]);
         // 20 more refusals within the window reach 30 refusals: twice the limit sent.
         let more: Vec<_> = (0..20).map(|_| r.check(t0)).collect();

@@ -144,7 +144,9 @@ async fn serve_connection<H, F>(
         .max_buf_size(MAX_REQUEST_HEAD_BYTES.max(8192))
         .max_headers(64)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(conn);
     let mut head_deadline = info.handshake_deadline;
     let mut draining = false;

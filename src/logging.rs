@@ -34,7 +34,10 @@ pub fn init(config: &LogConfig) -> LogHandle {
         .unwrap_or_else(|| EnvFilter::builder().parse_lossy(&config.level));
     let (filter, handle) = reload::Layer::new(filter);
     let (text, json) = match config.format {
-        LogFormat::Text => (Some(fmt::layer().with_writer(std::io::stderr).with_target(false)), None),
+        LogFormat::Text => (
+            Some(fmt::layer().with_writer(std::io::stderr).with_target(false)),
+            None,
+        ),
         LogFormat::Json => (
             None,
             Some(
@@ -46,7 +49,11 @@ pub fn init(config: &LogConfig) -> LogHandle {
             ),
         ),
     };
-    let _ = tracing_subscriber::registry().with(filter).with(text).with(json).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .try_init();
     LogHandle {
         filter: handle,
         from_env,

@@ -55,7 +55,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if cli.check {
-        let source = cli.config.as_ref().map_or("built-in defaults".into(), |p| p.display().to_string());
+        let source = cli
+            .config
+            .as_ref()
+            .map_or("built-in defaults".into(), |p| p.display().to_string());
         println!("wsgate: configuration OK ({source})");
         return ExitCode::SUCCESS;
     }
@@ -105,7 +108,10 @@ fn on_stop_signal(shutdown: &CancellationToken, name: &str) {
         warn!(signal = name, "second stop signal: exiting at once");
         std::process::exit(EXIT_INTERRUPTED);
     }
-    info!(signal = name, "stop signal: draining (send it again to exit at once)");
+    info!(
+        signal = name,
+        "stop signal: draining (send it again to exit at once)"
+    );
     sd_notify("STOPPING=1");
     shutdown.cancel();
 }

@@ -116,7 +116,11 @@ pub enum UpstreamOutcome {
 }
 
 impl UpstreamOutcome {
-    pub const ALL: [UpstreamOutcome; 3] = [UpstreamOutcome::Ok, UpstreamOutcome::Error, UpstreamOutcome::Timeout];
+    pub const ALL: [UpstreamOutcome; 3] = [
+        UpstreamOutcome::Ok,
+        UpstreamOutcome::Error,
+        UpstreamOutcome::Timeout,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -144,7 +148,10 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = BUCKETS_SECONDS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS_SECONDS.len());
+        let i = BUCKETS_SECONDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS_SECONDS.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_nanos
             .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
@@ -218,7 +225,10 @@ impl Metrics {
     }
 
     pub fn upstream(&self, outcome: UpstreamOutcome) {
-        let i = UpstreamOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        let i = UpstreamOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
         self.upstream[i].fetch_add(1, Relaxed);
     }
 
@@ -249,7 +259,12 @@ impl Metrics {
                 v.load(Relaxed)
             );
         };
-        gauge(&mut out, "wsgate_connections", "Open WebSocket connections.", g.connections as u64);
+        gauge(
+            &mut out,
+            "wsgate_connections",
+            "Open WebSocket connections.",
+            g.connections as u64,
+        );
         gauge(
             &mut out,
             "wsgate_connections_max",
@@ -262,8 +277,18 @@ impl Metrics {
             "Distinct client IPs (IPv6 by /64) with an open connection.",
             g.connected_ips as u64,
         );
-        gauge(&mut out, "wsgate_subscriptions", "Topic subscriptions over all connections.", g.subscriptions as u64);
-        gauge(&mut out, "wsgate_topics", "Topics with at least one subscriber.", g.topics as u64);
+        gauge(
+            &mut out,
+            "wsgate_subscriptions",
+            "Topic subscriptions over all connections.",
+            g.subscriptions as u64,
+        );
+        gauge(
+            &mut out,
+            "wsgate_topics",
+            "Topics with at least one subscriber.",
+            g.topics as u64,
+        );
         counter(
             &mut out,
             "wsgate_connections_opened_total",
@@ -361,7 +386,12 @@ impl Metrics {
             "Resident memory of the process.",
             g.resident_memory_bytes,
         );
-        gauge(&mut out, "wsgate_process_open_fds", "Open file descriptors of the process.", g.open_fds);
+        gauge(
+            &mut out,
+            "wsgate_process_open_fds",
+            "Open file descriptors of the process.",
+            g.open_fds,
+        );
         out
     }
 }

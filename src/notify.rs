@@ -31,7 +31,10 @@ fn abstract_addr(name: &[u8]) -> std::io::Result<std::os::unix::net::SocketAddr>
 
 #[cfg(not(target_os = "linux"))]
 fn abstract_addr(_name: &[u8]) -> std::io::Result<std::os::unix::net::SocketAddr> {
-    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "abstract sockets need Linux"))
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "abstract sockets need Linux",
+    ))
 }
 
 #[cfg(test)]

@@ -108,7 +108,12 @@ pub fn unsubscription_confirmed(events: &[TopicName]) -> Utf8Bytes {
 }
 
 fn events_json(events: &[TopicName]) -> Value {
-    Value::Array(events.iter().map(|t| Value::String(t.as_str().to_owned())).collect())
+    Value::Array(
+        events
+            .iter()
+            .map(|t| Value::String(t.as_str().to_owned()))
+            .collect(),
+    )
 }
 
 pub fn error(message: &str) -> Utf8Bytes {
@@ -180,8 +185,14 @@ mod tests {
             parse_client_message(r#"{"type":"unsubscribe","events":["a"]}"#),
             Ok(ClientMessage::Unsubscribe(vec!["a".into()]))
         );
-        assert_eq!(parse_client_message(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping));
-        assert_eq!(parse_client_message(r#"{"type":"get_status","x":1}"#), Ok(ClientMessage::GetStatus));
+        assert_eq!(
+            parse_client_message(r#"{"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"get_status","x":1}"#),
+            Ok(ClientMessage::GetStatus)
+        );
     }
 
     #[test]
@@ -194,8 +205,14 @@ mod tests {
         assert_eq!(err(r#"{"type":5}"#), "Message type must be a string");
         assert_eq!(err(r#"{"type":"dance"}"#), "Unknown message type: dance");
         assert_eq!(err(r#"{"type":"subscribe"}"#), "events must be a list of strings");
-        assert_eq!(err(r#"{"type":"subscribe","events":"a"}"#), "events must be a list of strings");
-        assert_eq!(err(r#"{"type":"subscribe","events":["a",1]}"#), "events must be a list of strings");
+        assert_eq!(
+            err(r#"{"type":"subscribe","events":"a"}"#),
+            "events must be a list of strings"
+        );
+        assert_eq!(
+            err(r#"{"type":"subscribe","events":["a",1]}"#),
+            "events must be a list of strings"
+        );
     }
 
     #[test]
@@ -208,7 +225,9 @@ mod tests {
     #[test]
     fn event_keeps_publisher_fields_in_order_and_adds_two() {
         let topic = TopicName::parse("cache_metrics", 128).unwrap();
-        let msg: Value = serde_json::from_str(r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"old"}"#).unwrap();
+        let msg: Value =
+            serde_json::from_str(r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"old"}"#)
+                .unwrap();
         let Value::Object(map) = msg else { unreachable!() };
         let out = encode_event(&topic, map, "2026-01-01T00:00:00.000Z");
         assert_eq!(
@@ -219,7 +238,11 @@ mod tests {
 
     #[test]
     fn idle_minutes_are_integers_when_whole() {
-        let limits = AdvertisedLimits { max_subscriptions: 10, message_rate_limit: 30, idle_timeout_secs: 300 };
+        let limits = AdvertisedLimits {
+            max_subscriptions: 10,
+            message_rate_limit: 30,
+            idle_timeout_secs: 300,
+        };
         let v: Value = serde_json::from_str(connection_established("c1", limits).as_str()).unwrap();
         assert_eq!(v["connection_limits"]["idle_timeout_minutes"], json!(5));
         assert_eq!(v["connection_limits"]["max_subscriptions"], json!(10));

@@ -26,7 +26,10 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>, info: ConnInf
     }
     if path == "/healthz" {
         return if gateway.is_draining() {
-            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting_down"}))
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "shutting_down"}),
+            )
         } else {
             json_response(StatusCode::OK, &json!({"status": "ok"}))
         };

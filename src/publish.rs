@@ -38,7 +38,12 @@ async fn publish(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
     }
     let config = gateway.config();
     let max = config.admin.max_publish_bytes;
-    let too_large = || json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("Request body exceeds {max} bytes"));
+    let too_large = || {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("Request body exceeds {max} bytes"),
+        )
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -47,12 +52,13 @@ async fn publish(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
     if declared.is_some_and(|n| n > max as u64) {
         return too_large();
     }
-    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), max).collect()).await {
-        Err(_) => return json_error(StatusCode::REQUEST_TIMEOUT, "Request body not received in time"),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Ok(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "Could not read the request body"),
-        Ok(Ok(collected)) => collected.to_bytes(),
-    };
+    let body =
+        match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), max).collect()).await {
+            Err(_) => return json_error(StatusCode::REQUEST_TIMEOUT, "Request body not received in time"),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Ok(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "Could not read the request body"),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("Invalid JSON: {e}")),

@@ -133,7 +133,10 @@ impl ConnShared {
 
     /// Records the reason the connection task itself decided on (if nobody decided before).
     pub fn set_close_reason(&self, reason: CloseReason) -> CloseReason {
-        match self.close_reason.compare_exchange(0, reason as u8, Relaxed, Relaxed) {
+        match self
+            .close_reason
+            .compare_exchange(0, reason as u8, Relaxed, Relaxed)
+        {
             Ok(_) => reason,
             Err(prev) => CloseReason::from_u8(prev).unwrap_or(reason),
         }
@@ -150,7 +153,8 @@ impl ConnShared {
 
     pub fn touch(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.started).as_millis();
-        self.last_activity_ms.store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+        self.last_activity_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
     }
 
     pub fn idle_seconds(&self) -> f64 {

@@ -83,8 +83,10 @@ impl Gateway {
                 old.admin.listen, new.admin.listen
             ));
         }
-        self.limiter
-            .set_limits(new.limits.max_total_connections, new.limits.max_connections_per_ip);
+        self.limiter.set_limits(
+            new.limits.max_total_connections,
+            new.limits.max_connections_per_ip,
+        );
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         notes
     }

@@ -90,7 +90,11 @@ mod tests {
             Err(TopicError::TooLong { len: 4, max: 3 })
         );
         for bad in ["a b", "a/b", "é", "a\0", "a\n", "*", "a#", "\u{200b}"] {
-            assert_eq!(TopicName::parse(bad, 128), Err(TopicError::BadCharacter), "{bad:?}");
+            assert_eq!(
+                TopicName::parse(bad, 128),
+                Err(TopicError::BadCharacter),
+                "{bad:?}"
+            );
         }
     }
 

@@ -30,10 +30,19 @@ use crate::state::Gateway;
 const RETRY_AFTER_SECS: &str = "5";
 
 /// Handles a request on the WebSocket (or echo) path.
-pub fn accept(gateway: &Arc<Gateway>, req: Request<Incoming>, info: ConnInfo, client_ip: IpAddr, mode: Mode) -> Response<Body> {
+pub fn accept(
+    gateway: &Arc<Gateway>,
+    req: Request<Incoming>,
+    info: ConnInfo,
+    client_ip: IpAddr,
+    mode: Mode,
+) -> Response<Body> {
     if gateway.is_draining() {
         gateway.metrics.rejected(RejectReason::ShuttingDown);
-        return with_retry_after(json_error(StatusCode::SERVICE_UNAVAILABLE, "Server is shutting down"));
+        return with_retry_after(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Server is shutting down",
+        ));
     }
     let key = match check_handshake(&req) {
         Ok(key) => key,
@@ -49,9 +58,10 @@ pub fn accept(gateway: &Arc<Gateway>, req: Request<Incoming>, info: ConnInfo, cl
             gateway.metrics.rejected(refusal.reason());
             debug!(%client_ip, ?refusal, "connection refused");
             let resp = match refusal {
-                Refusal::Total(max) => {
-                    json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("Maximum connections ({max}) reached"))
-                }
+                Refusal::Total(max) => json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("Maximum connections ({max}) reached"),
+                ),
                 Refusal::PerIp(max) => json_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     &format!("Maximum connections per IP ({max}) reached"),
@@ -95,7 +105,8 @@ pub fn accept(gateway: &Arc<Gateway>, req: Request<Incoming>, info: ConnInfo, cl
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
             let setup = ConnSetup {
                 gateway: gw,
                 config,
@@ -137,11 +148,15 @@ fn check_handshake(req: &Request<Incoming>) -> Result<HeaderValue, Response<Body
             StatusCode::UPGRADE_REQUIRED,
             "This endpoint only accepts WebSocket upgrades (GET with Upgrade: websocket)",
         );
-        resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        resp.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return Err(resp);
     }
     if h.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        let mut resp = json_error(StatusCode::UPGRADE_REQUIRED, "Unsupported WebSocket version (13 required)");
+        let mut resp = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "Unsupported WebSocket version (13 required)",
+        );
         resp.headers_mut()
             .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return Err(resp);
@@ -149,7 +164,10 @@ fn check_handshake(req: &Request<Incoming>) -> Result<HeaderValue, Response<Body
     match h.get(header::SEC_WEBSOCKET_KEY) {
         // A key is 16 random bytes in base64: 24 characters.
         Some(k) if k.len() == 24 => Ok(k.clone()),
-        _ => Err(json_error(StatusCode::BAD_REQUEST, "Missing or invalid Sec-WebSocket-Key")),
+        _ => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "Missing or invalid Sec-WebSocket-Key",
+        )),
     }
 }
 

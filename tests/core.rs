@@ -1,6 +1,8 @@
 //! The core contract through the real daemon: the client protocol, topic fan-out, the publish
 //! endpoint and the admin reports.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::HashSet;
@@ -51,7 +53,16 @@ async fn every_row_of_the_protocol_table() {
     let r = request(&mut ws, r#"{"type":"get_status"}"#).await;
     assert_eq!(r["type"], "status");
     let info = &r["connection_info"];
-    for key in ["client_id", "client_ip", "state", "connected_at", "idle_time_seconds", "messages_sent", "messages_received", "subscriptions"] {
+    for key in [
+        "client_id",
+        "client_ip",
+        "state",
+        "connected_at",
+        "idle_time_seconds",
+        "messages_sent",
+        "messages_received",
+        "subscriptions",
+    ] {
         assert!(info.get(key).is_some(), "connection_info lacks {key}: {r}");
     }
     assert_eq!(info["client_ip"], "127.0.0.1");
@@ -59,21 +70,42 @@ async fn every_row_of_the_protocol_table() {
     assert_eq!(info["subscriptions"], json!(["b"]));
     assert_eq!(info["messages_received"], 4);
     let metrics = &r["server_metrics"];
-    for key in ["total_connections", "connections_by_ip", "total_messages_sent", "total_broadcasts", "rate_limit_violations", "memory_usage_mb", "limits", "event_subscribers"] {
+    for key in [
+        "total_connections",
+        "connections_by_ip",
+        "total_messages_sent",
+        "total_broadcasts",
+        "rate_limit_violations",
+        "memory_usage_mb",
+        "limits",
+        "event_subscribers",
+    ] {
         assert!(metrics.get(key).is_some(), "server_metrics lacks {key}: {r}");
     }
     assert_eq!(metrics["event_subscribers"], json!({"b": 1}));
 
     let r = request(&mut ws, "this is not json").await;
-    assert_eq!(r, json!({"type": "error", "message": "Invalid JSON format", "timestamp": r["timestamp"]}));
+    assert_eq!(
+        r,
+        json!({"type": "error", "message": "Invalid JSON format", "timestamp": r["timestamp"]})
+    );
 
     for (input, message) in [
         ("[1,2,3]", "Message must be a JSON object"),
         ("{}", "Missing message type"),
         (r#"{"type":"dance"}"#, "Unknown message type: dance"),
-        (r#"{"type":"subscribe","events":"a"}"#, "events must be a list of strings"),
-        (r#"{"type":"subscribe","events":["a",2]}"#, "events must be a list of strings"),
-        (r#"{"type":"subscribe","events":["ok","bad name"]}"#, "Invalid event type: bad name"),
+        (
+            r#"{"type":"subscribe","events":"a"}"#,
+            "events must be a list of strings",
+        ),
+        (
+            r#"{"type":"subscribe","events":["a",2]}"#,
+            "events must be a list of strings",
+        ),
+        (
+            r#"{"type":"subscribe","events":["ok","bad name"]}"#,
+            "Invalid event type: bad name",
+        ),
     ] {
         let r = request(&mut ws, input).await;
         assert_eq!(r["type"], "error", "{input} -> {r}");
@@ -120,7 +152,9 @@ async fn events_reach_only_their_subscribers_with_fields_added() {
     request(&mut b, r#"{"type":"subscribe","events":["other"]}"#).await;
 
     let (code, body) = srv
-        .publish(r#"{"event_type":"cache_metrics","message":{"type":"cache_metrics","data":{"hit_rate":0.9}}}"#)
+        .publish(
+            r#"{"event_type":"cache_metrics","message":{"type":"cache_metrics","data":{"hit_rate":0.9}}}"#,
+        )
         .await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body, json!({"delivered": 1}));
@@ -166,18 +200,29 @@ async fn every_publish_error() {
         (r#"{"event_type":5,"message":{}}"#, "event_type must be a string"),
         (r#"{"event_type":"bad name","message":{}}"#, "Invalid event type"),
         (r#"{"event_type":"y","message":{}}"#, "topics.allowed"),
-        (r#"{"event_type":"x","message":[1]}"#, "message must be a JSON object"),
-        (r#"{"event_type":"x","message":"hi"}"#, "message must be a JSON object"),
+        (
+            r#"{"event_type":"x","message":[1]}"#,
+            "message must be a JSON object",
+        ),
+        (
+            r#"{"event_type":"x","message":"hi"}"#,
+            "message must be a JSON object",
+        ),
         (r#"{"event_type":"x"}"#, "message is required"),
         (r#"[{"event_type":"x","message":{}}, 7]"#, "[1]:"),
         ("42", "JSON object"),
     ] {
         let (code, v) = srv.publish(body).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{body} -> {v}");
-        let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field: {v}"));
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {v}"));
         assert!(msg.contains(needle), "{body} -> {msg}");
     }
-    let big = format!(r#"{{"event_type":"x","message":{{"pad":"{}"}}}}"#, "a".repeat(2000));
+    let big = format!(
+        r#"{{"event_type":"x","message":{{"pad":"{}"}}}}"#,
+        "a".repeat(2000)
+    );
     let (code, v) = srv.publish(&big).await;
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     assert!(v["error"].is_string());
@@ -208,7 +253,9 @@ async fn two_hundred_subscribers_get_fifty_events_each_in_order() {
         assert_eq!(recv_json(ws).await["type"], "subscription_confirmed");
     }
     for n in 0..50 {
-        let (code, body) = srv.publish(&format!(r#"{{"event_type":"load","message":{{"n":{n}}}}}"#)).await;
+        let (code, body) = srv
+            .publish(&format!(r#"{{"event_type":"load","message":{{"n":{n}}}}}"#))
+            .await;
         assert_eq!(code, StatusCode::OK);
         assert_eq!(body, json!({"delivered": 200}));
     }
@@ -234,7 +281,11 @@ async fn two_hundred_subscribers_get_fifty_events_each_in_order() {
 async fn allowlist_limits_subscribe_and_publish() {
     let srv = start("[topics]\nallowed = [\"orchestration_status\", \"cache_metrics\"]\n").await;
     let (mut ws, _) = srv.client().await;
-    let r = request(&mut ws, r#"{"type":"subscribe","events":["cache_metrics","secret"]}"#).await;
+    let r = request(
+        &mut ws,
+        r#"{"type":"subscribe","events":["cache_metrics","secret"]}"#,
+    )
+    .await;
     assert_eq!(r["message"], "Invalid event type: secret");
     let r = request(&mut ws, r#"{"type":"subscribe","events":["cache_metrics"]}"#).await;
     assert_eq!(r["type"], "subscription_confirmed");
@@ -249,7 +300,10 @@ async fn client_ids_are_unique() {
     let mut conns = Vec::new();
     for _ in 0..40 {
         let (ws, hello) = srv.client().await;
-        assert!(ids.insert(hello["client_id"].as_str().unwrap().to_owned()), "duplicate id");
+        assert!(
+            ids.insert(hello["client_id"].as_str().unwrap().to_owned()),
+            "duplicate id"
+        );
         conns.push(ws);
     }
 }

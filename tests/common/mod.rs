@@ -1,5 +1,5 @@
 //! Test harness: starts the real daemon in-process on port 0 and gives real clients for it.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,7 +80,14 @@ impl TestServer {
 
     /// Publishes `body` (JSON text) on the admin listener.
     pub async fn publish(&self, body: &str) -> (StatusCode, Value) {
-        let (status, _, bytes) = http(self.admin, Method::POST, "/publish", &[], body.as_bytes().to_vec()).await;
+        let (status, _, bytes) = http(
+            self.admin,
+            Method::POST,
+            "/publish",
+            &[],
+            body.as_bytes().to_vec(),
+        )
+        .await;
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
@@ -103,7 +110,10 @@ impl TestServer {
             if cond(&s) {
                 return s;
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; last status: {s}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {s}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -170,8 +180,13 @@ pub async fn request(ws: &mut Ws, text: &str) -> Value {
 /// Reads until the server closes; returns the close code and reason (None: no close frame).
 pub async fn expect_close(ws: &mut Ws) -> Option<(u16, String)> {
     loop {
-        match timeout(DEADLINE, ws.next()).await.expect("timed out waiting for close") {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+        match timeout(DEADLINE, ws.next())
+            .await
+            .expect("timed out waiting for close")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()))
+            }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return None,
         }
