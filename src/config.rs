@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::client_ip::TrustedProxies;
+use crate::origin::OriginPolicy;
+use crate::proxy::Upstream;
 use crate::topic::TopicName;
 
 /// Public listener address when none is configured.
@@ -49,6 +52,12 @@ pub const DEFAULT_SEND_QUEUE_BYTES: i64 = 1024 * 1024;
 pub const DEFAULT_MAX_PENDING_CONNECTIONS: i64 = 256;
 /// Longest topic name, in bytes.
 pub const DEFAULT_MAX_NAME_LENGTH: i64 = 128;
+/// Whole-response-headers deadline for proxied requests.
+pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "30s";
+/// TCP connect deadline to the upstream.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: &str = "2s";
+/// Deadline for the handshake authorization call (a slow auth backend refuses with 503).
+pub const DEFAULT_AUTH_TIMEOUT: &str = "2s";
 /// Longest time a graceful shutdown waits for connections to close.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 
@@ -117,6 +126,8 @@ pub struct Config {
     pub topics: TopicsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    /// `None`: no backend; paths other than the WebSocket ones get 404.
+    pub upstream: Option<UpstreamConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +136,20 @@ pub struct ServerConfig {
     pub ws_path: String,
     /// Opt-in echo endpoint for protocol conformance runs (Autobahn); same code path and limits.
     pub echo_path: Option<String>,
+    /// Which browser origins may open a WebSocket (cross-site WebSocket hijacking).
+    pub allowed_origins: OriginPolicy,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted_proxies: TrustedProxies,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub url: hyper::Uri,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Ask `GET {url}{auth_path}` before accepting each WebSocket handshake.
+    pub auth_path: Option<String>,
+    pub auth_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +220,17 @@ struct FileConfig {
     topics: FileTopics,
     log: FileLog,
     shutdown: FileShutdown,
+    upstream: Option<FileUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FileUpstream {
+    url: Option<String>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+    auth_path: Option<String>,
+    auth_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +239,8 @@ struct FileServer {
     listen: Option<String>,
     ws_path: Option<String>,
     echo_path: Option<String>,
+    allowed_origins: Option<Vec<String>>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -363,6 +401,20 @@ impl Validator {
                 ));
             }
         }
+
+        let allowed_origins =
+            OriginPolicy::parse(f.server.allowed_origins.as_deref()).unwrap_or_else(|errs| {
+                errs.into_iter().for_each(|e| self.err(e));
+                OriginPolicy::allow_any()
+            });
+        let trusted_proxies = TrustedProxies::parse(f.server.trusted_proxies.as_deref().unwrap_or_default())
+            .unwrap_or_else(|errs| {
+                errs.into_iter().for_each(|e| self.err(e));
+                TrustedProxies::default()
+            });
+
+        // [upstream]
+        let upstream = f.upstream.and_then(|u| self.upstream(u));
 
         // [admin]
         let admin_listen = self.addr("admin.listen", f.admin.listen.as_deref(), DEFAULT_ADMIN_LISTEN);
@@ -557,7 +609,10 @@ impl Validator {
                 listen: listen?,
                 ws_path,
                 echo_path: f.server.echo_path,
+                allowed_origins,
+                trusted_proxies,
             },
+            upstream,
             admin: AdminConfig {
                 listen: admin_listen?,
                 max_publish_bytes,
@@ -573,6 +628,59 @@ impl Validator {
                 drain_timeout,
                 close_spread,
             },
+        })
+    }
+
+    fn upstream(&mut self, u: FileUpstream) -> Option<UpstreamConfig> {
+        let Some(text) = u.url else {
+            self.err(
+                "upstream.url is required when [upstream] is present (e.g. \"http://127.0.0.1:8000\")".into(),
+            );
+            return None;
+        };
+        let url = match text.parse::<hyper::Uri>() {
+            Ok(url) => url,
+            Err(_) => {
+                self.err(format!(
+                    "upstream.url: {text:?} is not a URL (expected e.g. \"http://127.0.0.1:8000\")"
+                ));
+                return None;
+            }
+        };
+        if let Err(e) = Upstream::check_url(&url) {
+            self.err(e);
+        }
+        if let Some(path) = &u.auth_path {
+            if let Err(e) = Upstream::check_auth_path(path) {
+                self.err(e);
+            }
+        }
+        let timeout = self.duration("upstream.timeout", u.timeout.as_deref(), DEFAULT_UPSTREAM_TIMEOUT);
+        let connect_timeout = self.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_deref(),
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        );
+        let auth_timeout = self.duration(
+            "upstream.auth_timeout",
+            u.auth_timeout.as_deref(),
+            DEFAULT_AUTH_TIMEOUT,
+        );
+        for (key, d) in [
+            ("upstream.timeout", timeout),
+            ("upstream.connect_timeout", connect_timeout),
+            ("upstream.auth_timeout", auth_timeout),
+        ] {
+            if d.is_zero() {
+                self.err(format!("{key} must be longer than 0s"));
+            }
+        }
+        Some(UpstreamConfig {
+            url,
+            timeout,
+            connect_timeout,
+            auth_path: u.auth_path,
+            auth_timeout,
         })
     }
 
@@ -738,6 +846,33 @@ mod tests {
         let text = format!("[admin]\ntoken_file = {:?}\n", path.display().to_string());
         let c = Config::parse(&text).unwrap();
         assert!(c.admin.token.unwrap().matches(b"abcdefghijklmnopqrstuvwxyz"));
+    }
+
+    #[test]
+    fn front_door_keys_are_validated_and_named() {
+        let e = errors(
+            "[server]\nallowed_origins = [\"app.example.com\"]\ntrusted_proxies = [\"10.0.0.0/33\"]\n\
+             [upstream]\nurl = \"https://backend\"\nauth_path = \"ws/auth\"\ntimeout = \"0s\"\n",
+        );
+        assert!(
+            e.iter().any(|m| m.starts_with("server.allowed_origins[0]")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|m| m.starts_with("server.trusted_proxies[0]")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.starts_with("upstream.url")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("upstream.auth_path")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("upstream.timeout")), "{e:?}");
+        let c =
+            Config::parse("[upstream]\nurl = \"http://127.0.0.1:8000\"\nauth_path = \"/ws/auth\"\n").unwrap();
+        let u = c.upstream.unwrap();
+        assert_eq!(u.timeout, Duration::from_secs(30));
+        assert_eq!(u.connect_timeout, Duration::from_secs(2));
+        assert_eq!(u.auth_path.as_deref(), Some("/ws/auth"));
+        assert!(Config::default().upstream.is_none());
+        assert!(Config::default().server.allowed_origins.allows_any());
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //! | `notify.rs` | systemd `sd_notify`, std-only |
 
 pub mod admin;
+pub mod client_ip;
 pub mod config;
 pub mod connection;
 pub mod http;
@@ -36,7 +37,9 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod origin;
 pub mod protocol;
+pub mod proxy;
 pub mod public;
 pub mod publish;
 pub mod registry;

@@ -17,6 +17,7 @@ use crate::hub::Hub;
 use crate::limits::ConnLimiter;
 use crate::metrics::{self, Gauges, Metrics};
 use crate::protocol::timestamp;
+use crate::proxy::Upstream;
 use crate::registry::Registry;
 
 /// `/health` reports `degraded` at or above this share of `max_total_connections`.
@@ -26,6 +27,8 @@ pub struct Gateway {
     /// The current config. Replaced whole on reload; readers clone the `Arc` and never hold the
     /// lock across an `.await`.
     config: RwLock<Arc<Config>>,
+    /// The backend client (pooled), rebuilt when `[upstream]` changes on reload.
+    upstream: RwLock<Option<Arc<Upstream>>>,
     pub hub: Hub,
     pub registry: Registry,
     pub limiter: Arc<ConnLimiter>,
@@ -50,6 +53,7 @@ impl Gateway {
                 config.limits.max_total_connections,
                 config.limits.max_connections_per_ip,
             ),
+            upstream: RwLock::new(build_upstream(&config)),
             config: RwLock::new(Arc::new(config)),
             hub: Hub::new(Arc::clone(&metrics)),
             registry: Registry::default(),
@@ -89,6 +93,10 @@ impl Gateway {
         );
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         notes
+    }
+
+    pub fn upstream(&self) -> Option<Arc<Upstream>> {
+        self.upstream.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A new internal connection id and the client id shown to the client.
@@ -188,6 +196,13 @@ impl Gateway {
             "event_subscribers": subscribers,
         })
     }
+}
+
+fn build_upstream(config: &Config) -> Option<Arc<Upstream>> {
+    config
+        .upstream
+        .as_ref()
+        .map(|u| Arc::new(Upstream::new(u.url.clone(), u.timeout, u.connect_timeout)))
 }
 
 /// Resident memory in MiB, two decimals.

@@ -5,6 +5,7 @@
 //! status and a JSON body it can read. permessage-deflate is never negotiated (a compression bomb
 //! would defeat the message size limit), so no `Sec-WebSocket-Extensions` is ever answered.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -23,14 +24,16 @@ use crate::http::{full, json_error, Body};
 use crate::limits::Refusal;
 use crate::listener::ConnInfo;
 use crate::metrics::RejectReason;
+use crate::proxy::AuthDecision;
 use crate::registry::ConnShared;
 use crate::state::Gateway;
+use crate::topic::TopicName;
 
 /// Seconds a refused client is asked to wait before retrying.
 const RETRY_AFTER_SECS: &str = "5";
 
 /// Handles a request on the WebSocket (or echo) path.
-pub fn accept(
+pub async fn accept(
     gateway: &Arc<Gateway>,
     req: Request<Incoming>,
     info: ConnInfo,
@@ -52,6 +55,15 @@ pub fn accept(
         }
     };
     let config = gateway.config();
+    if !config
+        .server
+        .allowed_origins
+        .allows(req.headers().get(header::ORIGIN))
+    {
+        gateway.metrics.rejected(RejectReason::Origin);
+        debug!(%client_ip, origin = ?req.headers().get(header::ORIGIN), "origin not allowed");
+        return json_error(StatusCode::FORBIDDEN, "Origin not allowed");
+    }
     let permit = match gateway.limiter.try_acquire(client_ip) {
         Ok(p) => p,
         Err(refusal) => {
@@ -71,7 +83,52 @@ pub fn accept(
         }
     };
 
-    let (id, client_id) = gateway.next_ids();
+    let (parts, body) = req.into_parts();
+    let mut admitted = Admitted::default();
+    if let (Some(upstream), Some(u)) = (gateway.upstream(), config.upstream.as_ref()) {
+        if let Some(auth_path) = &u.auth_path {
+            match upstream
+                .authorize(&parts, client_ip, auth_path, u.auth_timeout)
+                .await
+            {
+                AuthDecision::Allow { client_id, topics } => {
+                    admitted.client_id = client_id;
+                    admitted.topics = topics.map(|names| {
+                        let max = config.topics.max_name_length;
+                        // Names the backend grants that are not valid topics can never be
+                        // subscribed to anyway; drop them.
+                        Arc::new(
+                            names
+                                .iter()
+                                .filter_map(|n| TopicName::parse(n, max).ok())
+                                .collect(),
+                        )
+                    });
+                }
+                AuthDecision::Deny(status) => {
+                    gateway.metrics.rejected(RejectReason::Auth);
+                    debug!(%client_ip, %status, "handshake denied by the backend");
+                    let message = if status == StatusCode::UNAUTHORIZED {
+                        "Unauthorized"
+                    } else {
+                        "Forbidden"
+                    };
+                    return json_error(status, message);
+                }
+                AuthDecision::Unavailable => {
+                    gateway.metrics.rejected(RejectReason::AuthUnavailable);
+                    return with_retry_after(json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Authorization backend unavailable",
+                    ));
+                }
+            }
+        }
+    }
+    let req = Request::from_parts(parts, body);
+
+    let (id, generated_id) = gateway.next_ids();
+    let client_id = admitted.client_id.unwrap_or(generated_id);
     let limits = &config.limits;
     let (shared, rx) = ConnShared::new(
         id,
@@ -114,7 +171,7 @@ pub fn accept(
                 rx,
                 permit,
                 mode,
-                allowed_topics: None,
+                allowed_topics: admitted.topics,
             };
             connection::run(ws, setup).await;
         }
@@ -130,6 +187,13 @@ pub fn accept(
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
+}
+
+/// What the backend's authorization granted.
+#[derive(Default)]
+struct Admitted {
+    client_id: Option<String>,
+    topics: Option<Arc<BTreeSet<TopicName>>>,
 }
 
 fn with_retry_after(mut resp: Response<Body>) -> Response<Body> {

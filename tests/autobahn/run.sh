@@ -41,7 +41,8 @@ fi
 # --- wstest virtualenv (recipe: /work/shared/notes/autobahn-wstest.md) ------------------------
 venv="$root/target/wstest-venv"
 W="$venv/bin"
-if [[ ! -x "$W/wstest" ]]; then
+stamp="$venv/.wsgate-recipe-ok"   # written only once the whole recipe has succeeded
+if [[ ! -f "$stamp" ]]; then
   echo "autobahn: creating $venv" >&2
   rm -rf "$venv"
   mkdir -p "$root/target"
@@ -52,6 +53,8 @@ if [[ ! -x "$W/wstest" ]]; then
   "$W/pip" install 'txaio==2.1.0' 'incremental==16.10.1' 'pyOpenSSL==19.1.0' 'cryptography==3.3.2' \
     'Twisted==19.10.0' 'zope.interface==4.6.0' 'jinja2==2.11.3' 'markupsafe==1.1.1' 'Werkzeug==1.0.1' \
     'klein==17.10.0' 'service_identity==18.1.0' 'unittest2==1.1.0' 'six==1.16.0'
+  "$W/wstest" --autobahnversion >/dev/null
+  touch "$stamp"
 fi
 echo "autobahn: $("$W/wstest" --autobahnversion 2>&1 | tr '\n' ' ')" >&2
 
