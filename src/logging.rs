@@ -1,6 +1,8 @@
 //! Logging: tracing with a text or JSON formatter on stderr, and a level that can be changed on
 //! reload. `RUST_LOG`, when set, overrides `log.level` (at start and on reload).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
@@ -35,7 +37,13 @@ pub fn init(config: &LogConfig) -> LogHandle {
     let (filter, handle) = reload::Layer::new(filter);
     let (text, json) = match config.format {
         LogFormat::Text => (
-            Some(fmt::layer().with_writer(std::io::stderr).with_target(false)),
+            Some(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    // Colours only on a terminal: the journal and log files get plain text.
+                    .with_ansi(std::io::stderr().is_terminal()),
+            ),
             None,
         ),
         LogFormat::Json => (
