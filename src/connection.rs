@@ -39,6 +39,8 @@ const BATCH_MAX_BYTES: usize = 64 * 1024;
 const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest publish body the config accepts (`admin.max_publish_bytes` ceiling).
+const MAX_EVENT_BYTES_CEILING: usize = 64 * 1024 * 1024;
 /// Stand-in deadline when every timer is disabled.
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
 
@@ -67,15 +69,18 @@ pub struct ConnSetup {
 
 /// tungstenite's defaults suit a client, not an edge daemon (128 KiB read buffer per connection,
 /// 64 MiB messages, an unbounded write buffer): every field comes from our limits.
-pub fn ws_config(limits: &Limits, max_event_bytes: usize) -> WebSocketConfig {
+pub fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
         // Allocated eagerly per connection: small, since client messages are small JSON; larger
         // messages (up to the cap) grow it while they are read.
         .read_buffer_size(4 * 1024)
         // Frames are buffered up to this before a write; we flush after each batch anyway.
         .write_buffer_size(BATCH_MAX_BYTES)
-        // One batch plus one event (the largest a publish can carry) plus control replies.
-        .max_write_buffer_size(BATCH_MAX_BYTES + max_event_bytes + 64 * 1024)
+        // The buffer only grows past one batch while the socket blocks, and we never feed more
+        // than one batch plus one event (or reply) before flushing: this cap is a backstop, set
+        // from the largest event a publish can ever carry (admin.max_publish_bytes may be
+        // raised on reload; a connection must not fail because of that).
+        .max_write_buffer_size(BATCH_MAX_BYTES + MAX_EVENT_BYTES_CEILING + 64 * 1024)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes))
         .accept_unmasked_frames(false)

@@ -87,6 +87,12 @@ impl Gateway {
                 old.admin.listen, new.admin.listen
             ));
         }
+        if old.limits.max_pending_connections != new.limits.max_pending_connections {
+            notes.push(format!(
+                "limits.max_pending_connections changed ({} -> {}): restart wsgate for it to take effect",
+                old.limits.max_pending_connections, new.limits.max_pending_connections
+            ));
+        }
         self.limiter.set_limits(
             new.limits.max_total_connections,
             new.limits.max_connections_per_ip,

@@ -137,7 +137,7 @@ pub async fn accept(
         limits.send_queue_messages,
         limits.send_queue_bytes,
     );
-    let ws_config = connection::ws_config(limits, config.admin.max_publish_bytes);
+    let ws_config = connection::ws_config(limits);
     let span = info_span!("conn", id = %shared.client_id, ip = %client_ip);
     let gw = Arc::clone(gateway);
     let deadline = info.handshake_deadline;
