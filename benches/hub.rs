@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // benchmark set-up: a failed unwrap is a broken benchmark
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use divan::Bencher;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::Receiver;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use wsgate::hub::Hub;
 use wsgate::protocol::encode_event;
 use wsgate::registry::ConnShared;
@@ -38,7 +38,7 @@ fn encode_small_event(b: Bencher) {
 fn fanout(b: Bencher, n: usize) {
     let hub = Hub::new(Arc::default());
     let t = topic();
-    let mut receivers: Vec<(Arc<ConnShared>, Receiver<Utf8Bytes>)> = (0..n as u64)
+    let conns: Vec<Arc<ConnShared>> = (0..n as u64)
         .map(|id| {
             ConnShared::new(
                 id,
@@ -49,18 +49,18 @@ fn fanout(b: Bencher, n: usize) {
             )
         })
         .collect();
-    for (c, _) in &receivers {
+    for c in &conns {
         hub.subscribe(&t, c);
     }
-    let event = Utf8Bytes::from(
-        r#"{"type":"x","data":{"hit_rate":0.9},"event_type":"bench_topic","timestamp":"2026-11-26T00:00:00.000Z"}"#,
+    let event = Bytes::from_static(
+        br#"{"type":"x","data":{"hit_rate":0.9},"event_type":"bench_topic","timestamp":"2026-11-26T00:00:00.000Z"}"#,
     );
+    let mut batch = VecDeque::new();
     b.counter(divan::counter::ItemsCount::new(n)).bench_local(|| {
         let delivered = hub.publish(&t, &event);
-        for (c, rx) in &mut receivers {
-            if let Ok(ev) = rx.try_recv() {
-                c.dequeued(ev.len());
-            }
+        for c in &conns {
+            c.outbox.take_batch(&mut batch, 64, 64 * 1024);
+            batch.clear();
         }
         delivered
     });

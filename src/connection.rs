@@ -11,9 +11,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -60,7 +63,6 @@ pub struct ConnSetup {
     /// stay the ones it enforces for its whole life.
     pub config: Arc<Config>,
     pub shared: Arc<ConnShared>,
-    pub rx: mpsc::Receiver<Utf8Bytes>,
     pub permit: ConnPermit,
     pub mode: Mode,
     /// Topics this connection may subscribe to, when an auth backend restricted it.
@@ -74,8 +76,9 @@ pub fn ws_config(limits: &Limits) -> WebSocketConfig {
         // Allocated eagerly per connection: small, since client messages are small JSON; larger
         // messages (up to the cap) grow it while they are read.
         .read_buffer_size(4 * 1024)
-        // Frames are buffered up to this before a write; we flush after each batch anyway.
-        .write_buffer_size(BATCH_MAX_BYTES)
+        // Only our replies, pings and closes go through tungstenite's write buffer (events are
+        // written pre-framed, see `write_pending`), and each is flushed at once.
+        .write_buffer_size(0)
         // The buffer only grows past one batch while the socket blocks, and we never feed more
         // than one batch plus one event (or reply) before flushing: this cap is a backstop, set
         // from the largest event a publish can ever carry (admin.max_publish_bytes may be
@@ -106,6 +109,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        self.shared.outbox.close();
         for topic in self.shared.take_subscriptions() {
             self.gateway.hub.unsubscribe(&topic, self.shared.id);
         }
@@ -118,7 +122,14 @@ impl Drop for Cleanup {
 
 struct Conn<S> {
     ws: WebSocketStream<S>,
-    rx: mpsc::Receiver<Utf8Bytes>,
+    /// Pre-framed events taken from the outbox and not yet fully written; the front one may be
+    /// partly written. Empty whenever the loop waits, so tungstenite's own writes (replies,
+    /// pings, close) never land inside an event frame.
+    pending: VecDeque<Bytes>,
+    /// The outbox had more than one batch: write again before waiting.
+    more_queued: bool,
+    /// Full length of the front pending frame, to tell a partly written one.
+    pending_front_len: usize,
     gateway: Arc<Gateway>,
     config: Arc<Config>,
     shared: Arc<ConnShared>,
@@ -140,7 +151,6 @@ where
         gateway,
         config,
         shared,
-        rx,
         permit,
         mode,
         allowed_topics,
@@ -161,7 +171,9 @@ where
         last_rx: now,
         last_app: now,
         ws,
-        rx,
+        pending: VecDeque::new(),
+        more_queued: false,
+        pending_front_len: 0,
         gateway,
         config: Arc::clone(&config),
         shared,
@@ -206,8 +218,13 @@ where
                 () = sleep_until(goodbye_at.unwrap_or_else(Instant::now)), if goodbye_at.is_some() => {
                     return Exit::Shutdown;
                 }
-                Some(event) = self.rx.recv() => {
-                    if let Err(exit) = self.write_events(event).await {
+                () = self.shared.outbox.ready(), if !self.more_queued => {
+                    if let Err(exit) = self.write_events().await {
+                        return exit;
+                    }
+                }
+                () = std::future::ready(()), if self.more_queued => {
+                    if let Err(exit) = self.write_events().await {
                         return exit;
                     }
                 }
@@ -268,45 +285,94 @@ where
     }
 
     fn kicked_exit(&self) -> Exit {
-        match self.shared.close_reason() {
-            Some(CloseReason::SlowConsumer) => {
-                Exit::Close(CloseReason::SlowConsumer, CloseCode::Policy, "slow consumer")
-            }
-            Some(CloseReason::Kicked) => {
-                Exit::Close(CloseReason::Kicked, CloseCode::Policy, "disconnected by operator")
-            }
-            Some(other) => Exit::Close(other, CloseCode::Policy, "closed by server"),
-            None => Exit::Close(CloseReason::Kicked, CloseCode::Policy, "closed by server"),
+        let reason = self.shared.close_reason().unwrap_or(CloseReason::Kicked);
+        if self.mid_frame() {
+            // Part of an event frame is on the wire: a close frame now would corrupt the stream.
+            return Exit::Gone(reason);
+        }
+        match reason {
+            CloseReason::SlowConsumer => Exit::Close(reason, CloseCode::Policy, "slow consumer"),
+            CloseReason::Kicked => Exit::Close(reason, CloseCode::Policy, "disconnected by operator"),
+            other => Exit::Close(other, CloseCode::Policy, "closed by server"),
         }
     }
 
-    /// Writes `first` and whatever else is already queued, then flushes once.
-    async fn write_events(&mut self, first: Utf8Bytes) -> Result<(), Exit> {
+    /// Whether an event frame has been partly written.
+    fn mid_frame(&self) -> bool {
+        self.pending
+            .front()
+            .is_some_and(|f| f.len() < self.pending_front_len)
+    }
+
+    /// Takes a batch from the outbox and writes it: whatever is queued goes out in as few
+    /// (vectored) writes as the socket allows; a lone event is written at once.
+    async fn write_events(&mut self) -> Result<(), Exit> {
+        self.more_queued =
+            self.shared
+                .outbox
+                .take_batch(&mut self.pending, BATCH_MAX_MESSAGES, BATCH_MAX_BYTES);
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.pending_front_len = self.pending.front().map_or(0, Bytes::len);
+        let count = self.pending.len() as u64;
         let shared = Arc::clone(&self.shared);
-        let mut count = 0u64;
-        let write = async {
-            let mut bytes = first.len();
-            shared.dequeued(first.len());
-            self.ws.feed(Message::Text(first)).await?;
-            count += 1;
-            while bytes < BATCH_MAX_BYTES && (count as usize) < BATCH_MAX_MESSAGES {
-                let Ok(next) = self.rx.try_recv() else { break };
-                bytes += next.len();
-                shared.dequeued(next.len());
-                self.ws.feed(Message::Text(next)).await?;
-                count += 1;
-            }
-            self.ws.flush().await
-        };
         let result = tokio::select! {
-            r = timeout(self.write_timeout, write) => r,
+            r = timeout(self.write_timeout, self.write_pending()) => r,
             () = shared.kicked() => return Err(self.kicked_exit()),
         };
-        self.after_write(result)?;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                return Err(Exit::Gone(CloseReason::Client));
+            }
+            // The peer stopped reading long enough to fill every buffer between us.
+            Err(_) => return Err(Exit::Gone(CloseReason::SlowConsumer)),
+        }
         shared.messages_sent.fetch_add(count, Relaxed);
         self.last_app = Instant::now();
         shared.touch(self.last_app.into_std());
         Ok(())
+    }
+
+    /// Writes every pending frame straight to the socket, bypassing tungstenite's write buffer:
+    /// the frames are already encoded and shared by all subscribers, so copying them into a
+    /// per-connection buffer would only cost time and memory. Cancel-safe: progress is kept in
+    /// `pending` (the front frame is advanced in place).
+    async fn write_pending(&mut self) -> std::io::Result<()> {
+        // tungstenite may still hold part of a frame of its own (an automatic pong): it must be
+        // on the wire before any raw bytes.
+        self.ws
+            .flush()
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        const MAX_SLICES: usize = 64;
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let n = self.pending.len().min(MAX_SLICES);
+            for (slot, frame) in slices.iter_mut().zip(self.pending.iter()) {
+                *slot = IoSlice::new(frame);
+            }
+            let mut written = self.ws.get_mut().write_vectored(&slices[..n]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let Some(front) = self.pending.front_mut() else {
+                    break;
+                };
+                if written >= front.len() {
+                    written -= front.len();
+                    self.pending.pop_front();
+                    self.pending_front_len = self.pending.front().map_or(0, Bytes::len);
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.ws.get_mut().flush().await
     }
 
     /// Sends one reply to the client.
@@ -469,19 +535,37 @@ where
         match exit {
             Exit::Gone(reason) => {
                 self.shared.set_close_reason(reason);
+                self.shared.outbox.close();
                 // Flushes a close reply tungstenite may owe the peer; harmless otherwise.
                 let _ = timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
             }
             Exit::Close(reason, code, why) => {
                 self.shared.set_close_reason(reason);
+                self.shared.outbox.close();
                 self.close_handshake(code, why).await;
             }
             Exit::Shutdown => {
-                self.shared.set_close_reason(CloseReason::Shutdown);
-                let goodbye = async {
-                    while let Ok(event) = self.rx.try_recv() {
-                        self.ws.feed(Message::Text(event)).await?;
+                let limit = self.write_timeout.min(CLOSE_TIMEOUT);
+                // What is already queued goes out first, then the goodbye.
+                let queued = async {
+                    loop {
+                        let more = self.shared.outbox.take_batch(
+                            &mut self.pending,
+                            BATCH_MAX_MESSAGES,
+                            BATCH_MAX_BYTES,
+                        );
+                        self.write_pending().await?;
+                        if !more {
+                            return Ok::<(), std::io::Error>(());
+                        }
                     }
+                };
+                let flushed = matches!(timeout(limit, queued).await, Ok(Ok(())));
+                self.shared.set_close_reason(CloseReason::Shutdown);
+                if !flushed {
+                    return;
+                }
+                let goodbye = async {
                     self.ws.feed(Message::Text(protocol::server_shutdown())).await?;
                     self.ws.flush().await
                 };

@@ -19,10 +19,11 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use bytes::Bytes;
 
 use crate::metrics::Metrics;
-use crate::registry::{ConnShared, Delivery};
+use crate::outbox::Push;
+use crate::registry::ConnShared;
 use crate::topic::TopicName;
 
 /// Enough shards that publishes to different topics rarely meet on two cores, few enough that a
@@ -93,9 +94,10 @@ impl Hub {
         }
     }
 
-    /// Queues `event` (already encoded) to every subscriber of `topic`; returns how many
-    /// connections it was queued for. Never waits for a subscriber.
-    pub fn publish(&self, topic: &TopicName, event: &Utf8Bytes) -> usize {
+    /// Queues `frame` (an event already encoded as a complete WebSocket frame, see
+    /// `protocol::encode_event`) to every subscriber of `topic`; returns how many connections
+    /// it was queued for. Never waits for a subscriber.
+    pub fn publish(&self, topic: &TopicName, frame: &Bytes) -> usize {
         let start = Instant::now();
         let mut delivered = 0;
         let mut full = 0;
@@ -104,10 +106,10 @@ impl Hub {
             if let Some(entry) = shard.get_mut(topic.as_str()) {
                 entry.seq += 1;
                 for conn in &entry.subscribers {
-                    match conn.try_deliver(event) {
-                        Delivery::Queued => delivered += 1,
-                        Delivery::Full => full += 1,
-                        Delivery::Closed => {}
+                    match conn.try_deliver(frame) {
+                        Push::Queued => delivered += 1,
+                        Push::Full => full += 1,
+                        Push::Closed => {}
                     }
                 }
             }
@@ -152,7 +154,7 @@ mod tests {
         TopicName::parse(s, 128).unwrap()
     }
 
-    fn conn(id: u64, queue: usize) -> (Arc<ConnShared>, tokio::sync::mpsc::Receiver<Utf8Bytes>) {
+    fn conn(id: u64, queue: usize) -> Arc<ConnShared> {
         ConnShared::new(
             id,
             format!("c{id}").into(),
@@ -162,48 +164,59 @@ mod tests {
         )
     }
 
+    /// Everything queued for `c`, as strings.
+    fn drain(c: &ConnShared) -> Vec<String> {
+        let mut out = std::collections::VecDeque::new();
+        c.outbox.take_batch(&mut out, usize::MAX, usize::MAX);
+        out.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    fn ev(s: &str) -> Bytes {
+        Bytes::from(s.to_owned())
+    }
+
     #[test]
     fn publish_reaches_only_subscribers_in_order() {
         let hub = Hub::new(Arc::default());
-        let (a, mut ra) = conn(1, 16);
-        let (b, mut rb) = conn(2, 16);
+        let a = conn(1, 16);
+        let b = conn(2, 16);
         hub.subscribe(&topic("x"), &a);
         hub.subscribe(&topic("y"), &b);
-        assert_eq!(hub.publish(&topic("x"), &Utf8Bytes::from("1")), 1);
-        assert_eq!(hub.publish(&topic("x"), &Utf8Bytes::from("2")), 1);
-        assert_eq!(hub.publish(&topic("z"), &Utf8Bytes::from("3")), 0);
-        assert_eq!(ra.try_recv().unwrap().as_str(), "1");
-        assert_eq!(ra.try_recv().unwrap().as_str(), "2");
-        assert!(ra.try_recv().is_err());
-        assert!(rb.try_recv().is_err());
+        assert_eq!(hub.publish(&topic("x"), &ev("1")), 1);
+        assert_eq!(hub.publish(&topic("x"), &ev("2")), 1);
+        assert_eq!(hub.publish(&topic("z"), &ev("3")), 0);
+        assert_eq!(drain(&a), ["1", "2"]);
+        assert!(drain(&b).is_empty());
     }
 
     #[test]
     fn full_queue_kicks_slow_consumer_without_blocking_others() {
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(Arc::clone(&metrics));
-        let (slow, _rs) = conn(1, 2);
-        let (fast, mut rf) = conn(2, 100);
+        let slow = conn(1, 2);
+        let fast = conn(2, 100);
         hub.subscribe(&topic("t"), &slow);
         hub.subscribe(&topic("t"), &fast);
         let counts: Vec<_> = (0..5)
-            .map(|i| hub.publish(&topic("t"), &Utf8Bytes::from(i.to_string())))
+            .map(|i| hub.publish(&topic("t"), &ev(&i.to_string())))
             .collect();
         assert_eq!(counts, [2, 2, 1, 1, 1]);
         assert_eq!(
             slow.close_reason(),
             Some(crate::metrics::CloseReason::SlowConsumer)
         );
-        assert_eq!((0..5).filter(|_| rf.try_recv().is_ok()).count(), 5);
+        assert_eq!(drain(&fast), ["0", "1", "2", "3", "4"]);
         assert_eq!(metrics.send_queue_full.load(Relaxed), 1);
     }
 
     #[test]
     fn byte_budget_is_enforced() {
         let hub = Hub::new(Arc::default());
-        let (c, _r) = ConnShared::new(1, "c".into(), "127.0.0.1".parse().unwrap(), 100, 1000);
+        let c = ConnShared::new(1, "c".into(), "127.0.0.1".parse().unwrap(), 100, 1000);
         hub.subscribe(&topic("t"), &c);
-        let big = Utf8Bytes::from("x".repeat(600));
+        let big = ev(&"x".repeat(600));
         assert_eq!(hub.publish(&topic("t"), &big), 1);
         assert_eq!(hub.publish(&topic("t"), &big), 0);
         assert_eq!(c.close_reason(), Some(crate::metrics::CloseReason::SlowConsumer));
@@ -212,8 +225,8 @@ mod tests {
     #[test]
     fn unsubscribe_removes_empty_topics() {
         let hub = Hub::new(Arc::default());
-        let (a, _ra) = conn(1, 4);
-        let (b, _rb) = conn(2, 4);
+        let a = conn(1, 4);
+        let b = conn(2, 4);
         hub.subscribe(&topic("x"), &a);
         hub.subscribe(&topic("x"), &b);
         assert_eq!(hub.subscriber_counts(), vec![(topic("x"), 2)]);

@@ -13,6 +13,7 @@
 //! | `protocol.rs` | the client JSON messages, in and out; event encoding |
 //! | `hub.rs` | topic -> subscribers; fan-out that never waits; per-topic order |
 //! | `registry.rs` | the open-connection table; `ConnShared`, a connection's outside face |
+//! | `outbox.rs` | a connection's bounded queue of pre-framed events |
 //! | `connection.rs` | one task per WebSocket: the `select!` loop, timers, cleanup |
 //! | `upgrade.rs` | the handshake: checks, admission, 101, spawning the connection task |
 //! | `limits.rs` | connection permits (total, per IP) and the message rate limiter |
@@ -38,6 +39,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod origin;
+pub mod outbox;
 pub mod protocol;
 pub mod proxy;
 pub mod public;

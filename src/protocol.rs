@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -158,12 +159,34 @@ pub fn status(connection_info: Value, server_metrics: Value) -> Utf8Bytes {
     }))
 }
 
-/// Encodes a published event once for every subscriber: the publisher's object with
-/// `event_type` and `timestamp` added, or overwritten in place.
-pub fn encode_event(topic: &TopicName, mut message: Map<String, Value>, timestamp: &str) -> Utf8Bytes {
+/// Encodes a published event once for every subscriber, as a complete WebSocket text frame:
+/// the publisher's object with `event_type` and `timestamp` added (or overwritten in place).
+/// Server frames are unmasked, so the frame is the same bytes for every connection: each
+/// subscriber's socket gets a refcounted clone, written as is.
+pub fn encode_event(topic: &TopicName, mut message: Map<String, Value>, timestamp: &str) -> Bytes {
     message.insert("event_type".to_owned(), Value::String(topic.as_str().to_owned()));
     message.insert("timestamp".to_owned(), Value::String(timestamp.to_owned()));
-    Utf8Bytes::from(Value::Object(message).to_string())
+    let payload = Value::Object(message).to_string();
+    text_frame(payload.as_bytes())
+}
+
+/// A final, unmasked text frame carrying `payload` (RFC 6455 section 5.2).
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    const FIN_TEXT: u8 = 0x81;
+    let len = payload.len();
+    let mut frame = Vec::with_capacity(len + 10);
+    frame.push(FIN_TEXT);
+    if len < 126 {
+        frame.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        frame.push(126);
+        frame.extend_from_slice(&short.to_be_bytes());
+    } else {
+        frame.push(127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    frame.extend_from_slice(payload);
+    Bytes::from(frame)
 }
 
 #[cfg(test)]
@@ -230,10 +253,26 @@ mod tests {
                 .unwrap();
         let Value::Object(map) = msg else { unreachable!() };
         let out = encode_event(&topic, map, "2026-01-01T00:00:00.000Z");
+        assert_eq!(&out[..2], &[0x81, (out.len() - 2) as u8]);
         assert_eq!(
-            out.as_str(),
+            std::str::from_utf8(&out[2..]).unwrap(),
             r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"2026-01-01T00:00:00.000Z","event_type":"cache_metrics"}"#
         );
+    }
+
+    #[test]
+    fn frames_use_the_three_length_encodings() {
+        for (len, header) in [
+            (0usize, vec![0x81, 0]),
+            (125, vec![0x81, 125]),
+            (126, vec![0x81, 126, 0, 126]),
+            (65_535, vec![0x81, 126, 0xff, 0xff]),
+            (65_536, vec![0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let f = text_frame(&vec![b'a'; len]);
+            assert_eq!(&f[..header.len()], &header[..], "len {len}");
+            assert_eq!(f.len(), header.len() + len);
+        }
     }
 
     #[test]

@@ -6,27 +6,18 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Notify};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::Notify;
 
 use crate::metrics::CloseReason;
+use crate::outbox::{Outbox, Push};
 use crate::protocol::rfc3339;
 use crate::topic::TopicName;
-
-/// Result of offering an event to a connection's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    Queued,
-    /// The queue was full (messages or bytes): the connection is being closed as a slow consumer.
-    Full,
-    /// The connection is closing; nothing was queued.
-    Closed,
-}
 
 /// One connection as seen from outside its task.
 pub struct ConnShared {
@@ -35,10 +26,8 @@ pub struct ConnShared {
     pub ip: IpAddr,
     pub connected_at: SystemTime,
     started: Instant,
-    tx: mpsc::Sender<Utf8Bytes>,
-    queue_capacity: usize,
-    max_queued_bytes: usize,
-    queued_bytes: AtomicUsize,
+    /// Pre-framed events waiting for the connection task.
+    pub outbox: Outbox,
     /// Milliseconds since `started` of the last application message in either direction.
     last_activity_ms: AtomicU64,
     pub messages_sent: AtomicU64,
@@ -52,72 +41,47 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    /// Creates the shared half and the receiving end of its bounded outbound queue.
+    /// Creates the shared half, with an outbound queue bounded by messages and bytes.
     pub fn new(
         id: u64,
         client_id: Box<str>,
         ip: IpAddr,
         queue_messages: usize,
         queue_bytes: usize,
-    ) -> (Arc<ConnShared>, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(queue_messages.max(1));
-        let shared = Arc::new(ConnShared {
+    ) -> Arc<ConnShared> {
+        Arc::new(ConnShared {
             id,
             client_id,
             ip,
             connected_at: SystemTime::now(),
             started: Instant::now(),
-            tx,
-            queue_capacity: queue_messages.max(1),
-            max_queued_bytes: queue_bytes,
-            queued_bytes: AtomicUsize::new(0),
+            outbox: Outbox::new(queue_messages, queue_bytes),
             last_activity_ms: AtomicU64::new(0),
             messages_sent: AtomicU64::new(0),
             messages_received: AtomicU64::new(0),
             subscriptions: Mutex::new(Vec::new()),
             close_reason: AtomicU8::new(0),
             kick: Notify::new(),
-        });
-        (shared, rx)
+        })
     }
 
-    /// Queues an event without waiting. A full queue (by count or by bytes) marks the connection
-    /// as a slow consumer: it is closed rather than allowed to hold memory or slow the publisher.
-    pub fn try_deliver(&self, event: &Utf8Bytes) -> Delivery {
+    /// Queues a pre-framed event without waiting. A full queue (by count or by bytes) marks the
+    /// connection as a slow consumer: it is closed rather than allowed to hold memory or slow
+    /// the publisher.
+    pub fn try_deliver(&self, frame: &Bytes) -> Push {
         if self.close_reason.load(Relaxed) != 0 {
-            return Delivery::Closed;
+            return Push::Closed;
         }
-        let len = event.len();
-        let before = self.queued_bytes.fetch_add(len, Relaxed);
-        if before + len > self.max_queued_bytes && before > 0 {
-            // One event larger than the whole byte budget still goes through on an empty queue;
-            // the publish body cap bounds it.
-            self.queued_bytes.fetch_sub(len, Relaxed);
+        let r = self.outbox.push(frame);
+        if r == Push::Full {
             self.kick(CloseReason::SlowConsumer);
-            return Delivery::Full;
         }
-        match self.tx.try_send(event.clone()) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.queued_bytes.fetch_sub(len, Relaxed);
-                self.kick(CloseReason::SlowConsumer);
-                Delivery::Full
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.queued_bytes.fetch_sub(len, Relaxed);
-                Delivery::Closed
-            }
-        }
-    }
-
-    /// Called by the connection task for each event it takes off the queue.
-    pub fn dequeued(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Relaxed);
+        r
     }
 
     /// Events waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.queue_capacity.saturating_sub(self.tx.capacity())
+        self.outbox.len()
     }
 
     /// Asks the connection to close for `reason`. The first reason wins.

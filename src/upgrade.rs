@@ -130,7 +130,7 @@ pub async fn accept(
     let (id, generated_id) = gateway.next_ids();
     let client_id = admitted.client_id.unwrap_or(generated_id);
     let limits = &config.limits;
-    let (shared, rx) = ConnShared::new(
+    let shared = ConnShared::new(
         id,
         client_id.into_boxed_str(),
         client_ip,
@@ -168,7 +168,6 @@ pub async fn accept(
                 gateway: gw,
                 config,
                 shared,
-                rx,
                 permit,
                 mode,
                 allowed_topics: admitted.topics,
