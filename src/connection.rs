@@ -416,7 +416,9 @@ where
         self.last_rx = now;
         match msg {
             Message::Text(text) => {
-                self.count_received(now)?;
+                if !self.admit_message(now).await? {
+                    return Ok(());
+                }
                 match self.mode {
                     Mode::Client => self.on_client_message(text.as_str()).await,
                     Mode::Echo => self.send(Message::Text(text)).await,
@@ -429,7 +431,9 @@ where
                     "binary messages are not supported",
                 )),
                 Mode::Echo => {
-                    self.count_received(now)?;
+                    if !self.admit_message(now).await? {
+                        return Ok(());
+                    }
                     self.send(Message::Binary(data)).await
                 }
             },
@@ -439,32 +443,33 @@ where
         }
     }
 
-    /// Counts an application message and applies the rate limit.
-    fn count_received(&mut self, now: Instant) -> Result<(), Exit> {
+    /// Counts an application message and applies the rate limit: `Ok(false)` when this
+    /// message is refused (the client was told), an exit when the client keeps flooding.
+    async fn admit_message(&mut self, now: Instant) -> Result<bool, Exit> {
         self.gateway.metrics.messages_received.fetch_add(1, Relaxed);
         self.shared.messages_received.fetch_add(1, Relaxed);
         self.last_app = now;
         self.shared.touch(now.into_std());
-        Ok(())
-    }
-
-    async fn on_client_message(&mut self, text: &str) -> Result<(), Exit> {
-        match self.rate.check(Instant::now().into_std()) {
-            RateDecision::Allow => {}
+        match self.rate.check(now.into_std()) {
+            RateDecision::Allow => Ok(true),
             RateDecision::Refuse => {
                 self.gateway.metrics.rate_limit_violations.fetch_add(1, Relaxed);
                 let limit = self.config.limits.max_message_rate_per_minute;
-                return self.reply(protocol::rate_limit_exceeded(limit)).await;
+                self.reply(protocol::rate_limit_exceeded(limit)).await?;
+                Ok(false)
             }
             RateDecision::Disconnect => {
                 self.gateway.metrics.rate_limit_violations.fetch_add(1, Relaxed);
-                return Err(Exit::Close(
+                Err(Exit::Close(
                     CloseReason::RateLimit,
                     CloseCode::Policy,
                     "rate limit exceeded",
-                ));
+                ))
             }
         }
+    }
+
+    async fn on_client_message(&mut self, text: &str) -> Result<(), Exit> {
         let reply = match protocol::parse_client_message(text) {
             Err(message) => protocol::error(&message),
             Ok(ClientMessage::Ping) => protocol::pong(),
@@ -536,8 +541,10 @@ where
             Exit::Gone(reason) => {
                 self.shared.set_close_reason(reason);
                 self.shared.outbox.close();
-                // Flushes a close reply tungstenite may owe the peer; harmless otherwise.
-                let _ = timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
+                // Flushes the close reply tungstenite queued when the peer's close arrived.
+                // (Not `WebSocketStream::close`, which would try to *send* a close frame,
+                // fail with SendAfterClosing, and drop the queued reply: an unclean close.)
+                let _ = timeout(CLOSE_TIMEOUT, SinkExt::close(&mut self.ws)).await;
             }
             Exit::Close(reason, code, why) => {
                 self.shared.set_close_reason(reason);

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -162,8 +163,6 @@ pub async fn accept(
                     return;
                 }
             };
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
             let setup = ConnSetup {
                 gateway: gw,
                 config,
@@ -172,7 +171,36 @@ pub async fn accept(
                 mode,
                 allowed_topics: admitted.topics,
             };
-            connection::run(ws, setup).await;
+            // Take the TcpStream back out of hyper's type-erased wrapper: every read and write
+            // of the connection's life then goes straight to the socket (no boxed trait object,
+            // no rewind buffer check), and vectored writes reach writev.
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let tcp = parts.io.into_inner();
+                    let ws = if parts.read_buf.is_empty() {
+                        WebSocketStream::from_raw_socket(tcp, Role::Server, Some(ws_config)).await
+                    } else {
+                        // The client sent frames right behind its request: keep them.
+                        WebSocketStream::from_partially_read(
+                            tcp,
+                            parts.read_buf.to_vec(),
+                            Role::Server,
+                            Some(ws_config),
+                        )
+                        .await
+                    };
+                    connection::run(ws, setup).await;
+                }
+                Err(upgraded) => {
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(ws_config),
+                    )
+                    .await;
+                    connection::run(ws, setup).await;
+                }
+            }
         }
         .instrument(span),
     );

@@ -375,3 +375,17 @@ async fn disconnect_cleans_up_subscriptions() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_close_gets_a_close_reply() {
+    let srv = start(BASE).await;
+    let (mut ws, _) = srv.client().await;
+    ws.send(Message::Close(None)).await.unwrap();
+    // The server must answer the closing handshake (an unclean TCP drop shows up as an error).
+    let reply = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("no reply to close");
+    assert!(matches!(reply, Some(Ok(Message::Close(_)))), "{reply:?}");
+    srv.wait_status("closed", |s| s["metrics"]["closed_connections"]["client"] == 1)
+        .await;
+}

@@ -507,3 +507,24 @@ async fn churn_leaves_nothing_behind() {
     assert_eq!(srv.gateway.hub.subscription_count(), 0);
     assert_eq!(srv.gateway.registry.len(), 0);
 }
+
+#[tokio::test]
+async fn frames_sent_together_with_the_handshake_are_not_lost() {
+    let srv = start("").await;
+    let mut s = TcpStream::connect(srv.public).await.unwrap();
+    let mut bytes = UPGRADE_REQUEST.to_vec();
+    bytes.extend_from_slice(b"\r\n");
+    bytes.extend(masked_frame(0x81, br#"{"type":"ping"}"#));
+    s.write_all(&bytes).await.unwrap();
+    // Read until the pong's text appears after the 101 and connection_established.
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(r#""type":"pong""#) {
+        let n = timeout(DEADLINE, s.read(&mut chunk))
+            .await
+            .expect("no pong")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+}
