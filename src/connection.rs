@@ -42,6 +42,8 @@ const BATCH_MAX_BYTES: usize = 64 * 1024;
 const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Per-connection read buffer: room for the usual subscribe/ping message in one read.
+const READ_BUFFER_BYTES: usize = 512;
 /// The largest publish body the config accepts (`admin.max_publish_bytes` ceiling).
 const MAX_EVENT_BYTES_CEILING: usize = 64 * 1024 * 1024;
 /// Stand-in deadline when every timer is disabled.
@@ -73,9 +75,10 @@ pub struct ConnSetup {
 /// 64 MiB messages, an unbounded write buffer): every field comes from our limits.
 pub fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
-        // Allocated eagerly per connection: small, since client messages are small JSON; larger
-        // messages (up to the cap) grow it while they are read.
-        .read_buffer_size(4 * 1024)
+        // Allocated (and zero-filled on the first read) per connection, idle or not: small,
+        // since client messages are small JSON. A larger message (up to the cap) makes
+        // tungstenite reserve its whole length when the frame header arrives.
+        .read_buffer_size(READ_BUFFER_BYTES)
         // Only our replies, pings and closes go through tungstenite's write buffer (events are
         // written pre-framed, see `write_pending`), and each is flushed at once.
         .write_buffer_size(0)
@@ -130,6 +133,8 @@ struct Conn<S> {
     more_queued: bool,
     /// Full length of the front pending frame, to tell a partly written one.
     pending_front_len: usize,
+    /// When draining: the moment this connection says goodbye.
+    goodbye_at: Option<Instant>,
     gateway: Arc<Gateway>,
     config: Arc<Config>,
     shared: Arc<ConnShared>,
@@ -142,8 +147,11 @@ struct Conn<S> {
     rate: RateLimiter,
 }
 
-/// Runs one WebSocket connection to its end.
-pub async fn run<S>(ws: WebSocketStream<S>, setup: ConnSetup)
+/// Registers the connection and returns the future that runs it to its end.
+///
+/// Not an `async fn`: its arguments would stay in the future's state next to the `Conn` they
+/// are moved into, doubling the socket's share of every connection's memory.
+pub fn run<S>(ws: WebSocketStream<S>, setup: ConnSetup) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -157,7 +165,7 @@ where
     } = setup;
     gateway.registry.insert(Arc::clone(&shared));
     gateway.metrics.connections_opened.fetch_add(1, Relaxed);
-    let _cleanup = Cleanup {
+    let cleanup = Cleanup {
         gateway: Arc::clone(&gateway),
         shared: Arc::clone(&shared),
         _permit: permit,
@@ -174,6 +182,7 @@ where
         pending: VecDeque::new(),
         more_queued: false,
         pending_front_len: 0,
+        goodbye_at: None,
         gateway,
         config: Arc::clone(&config),
         shared,
@@ -181,8 +190,12 @@ where
         allowed_topics,
     };
     conn.shared.touch(now.into_std());
-    let exit = conn.serve().await;
-    conn.finish(exit).await;
+    async move {
+        let _cleanup = cleanup;
+        let exit = conn.serve().await;
+        // Boxed: needed once, at the end; inline it would enlarge every idle connection.
+        Box::pin(conn.finish(exit)).await;
+    }
 }
 
 impl<S> Conn<S>
@@ -204,7 +217,6 @@ where
                 return exit;
             }
         }
-        let mut goodbye_at: Option<Instant> = None;
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);
         loop {
@@ -212,11 +224,9 @@ where
             tokio::select! {
                 biased;
                 () = self.shared.kicked() => return self.kicked_exit(),
-                () = self.gateway.shutdown.cancelled(), if goodbye_at.is_none() => {
-                    goodbye_at = Some(Instant::now() + self.goodbye_delay());
-                }
-                () = sleep_until(goodbye_at.unwrap_or_else(Instant::now)), if goodbye_at.is_some() => {
-                    return Exit::Shutdown;
+                () = self.gateway.shutdown.cancelled(), if self.goodbye_at.is_none() => {
+                    // The goodbye waits on the connection's one timer (see `on_timer`).
+                    self.goodbye_at = Some(Instant::now() + self.goodbye_delay());
                 }
                 () = self.shared.outbox.ready(), if !self.more_queued => {
                     if let Err(exit) = self.write_events().await {
@@ -229,12 +239,14 @@ where
                     }
                 }
                 frame = self.ws.next() => {
-                    if let Err(exit) = self.on_frame(frame).await {
+                    // Boxed: client messages are rare next to events, and inline this future
+                    // would enlarge every connection's task for its whole life.
+                    if let Err(exit) = Box::pin(self.on_frame(frame)).await {
                         return exit;
                     }
                 }
                 () = &mut timer => {
-                    if let Err(exit) = self.on_timer().await {
+                    if let Err(exit) = Box::pin(self.on_timer()).await {
                         return exit;
                     }
                 }
@@ -246,6 +258,7 @@ where
     fn next_deadline(&self) -> Instant {
         let l = &self.config.limits;
         [
+            self.goodbye_at,
             self.next_ping,
             enabled(l.heartbeat_timeout).map(|t| self.last_rx + t),
             enabled(l.idle_timeout).map(|t| self.last_app + t),
@@ -259,6 +272,9 @@ where
     async fn on_timer(&mut self) -> Result<(), Exit> {
         let now = Instant::now();
         let l = &self.config.limits;
+        if self.goodbye_at.is_some_and(|at| now >= at) {
+            return Err(Exit::Shutdown);
+        }
         if enabled(l.heartbeat_timeout).is_some_and(|t| now >= self.last_rx + t) {
             return Err(Exit::Gone(CloseReason::DeadPeer));
         }
@@ -347,14 +363,20 @@ where
             .flush()
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        const MAX_SLICES: usize = 64;
         while !self.pending.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let n = self.pending.len().min(MAX_SLICES);
-            for (slot, frame) in slices.iter_mut().zip(self.pending.iter()) {
-                *slot = IoSlice::new(frame);
-            }
-            let mut written = self.ws.get_mut().write_vectored(&slices[..n]).await?;
+            // The slice array is built inside each poll, so it never lives across an await
+            // (it would add 1 KiB to every connection task's future).
+            let pending = &self.pending;
+            let io = self.ws.get_mut();
+            let mut written = std::future::poll_fn(|cx| {
+                let mut slices = [IoSlice::new(&[]); BATCH_MAX_MESSAGES];
+                let n = pending.len().min(BATCH_MAX_MESSAGES);
+                for (slot, frame) in slices.iter_mut().zip(pending.iter()) {
+                    *slot = IoSlice::new(frame);
+                }
+                std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+            })
+            .await?;
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }

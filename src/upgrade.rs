@@ -142,9 +142,17 @@ pub async fn accept(
     let span = info_span!("conn", id = %shared.client_id, ip = %client_ip);
     let gw = Arc::clone(gateway);
     let deadline = info.handshake_deadline;
+    // Taken out here so that the request itself (a few hundred bytes of headers) is not kept
+    // alive inside every connection task for its whole life.
+    let mut req = req;
+    let upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
+    let conn_span = span.clone();
+    // Two tasks: this one waits for the upgrade, then hands the socket to a new task that runs
+    // the connection. The long-lived task then holds only what a connection needs, not the
+    // handshake's state (which would stay allocated inside it for the connection's life).
     gateway.tracker.spawn(
         async move {
-            let upgrade = hyper::upgrade::on(req);
             let upgraded = match deadline {
                 Some(d) => match timeout_at(d, upgrade).await {
                     Ok(r) => r,
@@ -189,7 +197,8 @@ pub async fn accept(
                         )
                         .await
                     };
-                    connection::run(ws, setup).await;
+                    let tracker = setup.gateway.tracker.clone();
+                    tracker.spawn(connection::run(ws, setup).instrument(conn_span));
                 }
                 Err(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
@@ -198,7 +207,8 @@ pub async fn accept(
                         Some(ws_config),
                     )
                     .await;
-                    connection::run(ws, setup).await;
+                    let tracker = setup.gateway.tracker.clone();
+                    tracker.spawn(connection::run(ws, setup).instrument(conn_span));
                 }
             }
         }
