@@ -60,9 +60,18 @@ impl Proc {
                 sink.lock().unwrap().push(line);
             }
         });
+        // Owned by `Proc` from here on, so a failed assertion below still kills the child.
+        let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut proc = Proc {
+            child,
+            log,
+            public: unbound,
+            admin: unbound,
+        };
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let found = log
+            let found = proc
+                .log
                 .lock()
                 .unwrap()
                 .iter()
@@ -74,17 +83,14 @@ impl Proc {
                     .filter_map(|t| t.parse().ok())
                     .collect();
                 assert_eq!(addrs.len(), 2, "cannot read the addresses from {line}");
-                return Proc {
-                    child,
-                    log,
-                    public: addrs[0],
-                    admin: addrs[1],
-                };
+                proc.public = addrs[0];
+                proc.admin = addrs[1];
+                return proc;
             }
             assert!(
                 Instant::now() < deadline,
                 "wsgate did not start: {:?}",
-                log.lock().unwrap()
+                proc.log.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
