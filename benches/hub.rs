@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // benchmark set-up: a failed unwrap is a broken benchmark
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -55,12 +54,11 @@ fn fanout(b: Bencher, n: usize) {
     let event = Bytes::from_static(
         br#"{"type":"x","data":{"hit_rate":0.9},"event_type":"bench_topic","timestamp":"2026-11-26T00:00:00.000Z"}"#,
     );
-    let mut batch = VecDeque::new();
+    // No socket is attached: this measures the hub and queue, not the kernel.
     b.counter(divan::counter::ItemsCount::new(n)).bench_local(|| {
         let delivered = hub.publish(&t, &event);
         for c in &conns {
-            c.outbox.take_batch(&mut batch, 64, 64 * 1024);
-            batch.clear();
+            c.outbox.discard_unsent();
         }
         delivered
     });

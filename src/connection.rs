@@ -1,22 +1,20 @@
-//! One task per WebSocket connection: a single `select!` loop over kick / shutdown / outbound
-//! queue / inbound frames / timers, and the cleanup that runs on every exit path.
+//! One task per WebSocket connection: a single `select!` loop over kick / shutdown / outbox /
+//! inbound frames / timers, and the cleanup that runs on every exit path.
 //!
-//! The task owns the socket. Events reach it only through its bounded queue (see `registry`);
-//! it writes whatever is already queued in one flush, so a burst costs one syscall, and an
-//! event that arrives alone is written at once. Heartbeat, dead-peer and idle checks share one
-//! timer re-armed to the nearest deadline.
+//! The task reads; it does not own the writing. Every outbound frame (events, replies, pings,
+//! close frames) goes through the connection's `Outbox`, which publishers write through
+//! directly while the socket keeps up; the task only drains what the socket could not take at
+//! once (see `outbox`). Heartbeat, dead-peer, idle and goodbye deadlines share one timer
+//! re-armed to the nearest of them.
 
 use std::collections::BTreeSet;
+use std::future::poll_fn;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::VecDeque;
-use std::io::IoSlice;
-
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -28,24 +26,19 @@ use tracing::debug;
 use crate::config::{enabled, Config, Limits};
 use crate::limits::{ConnPermit, RateDecision, RateLimiter};
 use crate::metrics::CloseReason;
+use crate::outbox::{Push, SharedSocket};
 use crate::protocol::{self, AdvertisedLimits, ClientMessage};
 use crate::registry::ConnShared;
 use crate::state::Gateway;
 use crate::topic::TopicName;
 
-/// Queued events written in one flush, at most.
-const BATCH_MAX_MESSAGES: usize = 64;
-/// Bytes of queued events written in one flush, at most (one event may exceed it alone).
-const BATCH_MAX_BYTES: usize = 64 * 1024;
-/// A write (or flush) that makes no progress for this long ends the connection, when no
-/// heartbeat timeout is configured to bound it.
-const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Per-connection read buffer: room for the usual subscribe/ping message in one read.
 const READ_BUFFER_BYTES: usize = 512;
-/// The largest publish body the config accepts (`admin.max_publish_bytes` ceiling).
-const MAX_EVENT_BYTES_CEILING: usize = 64 * 1024 * 1024;
+/// tungstenite only ever writes its own small control frames (pongs, closes), and always
+/// whole (see `SharedSocket`): its write buffer never needs more.
+const TUNGSTENITE_WRITE_BUFFER_MAX: usize = 64 * 1024;
 /// Stand-in deadline when every timer is disabled.
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
 
@@ -79,14 +72,8 @@ pub fn ws_config(limits: &Limits) -> WebSocketConfig {
         // since client messages are small JSON. A larger message (up to the cap) makes
         // tungstenite reserve its whole length when the frame header arrives.
         .read_buffer_size(READ_BUFFER_BYTES)
-        // Only our replies, pings and closes go through tungstenite's write buffer (events are
-        // written pre-framed, see `write_pending`), and each is flushed at once.
         .write_buffer_size(0)
-        // The buffer only grows past one batch while the socket blocks, and we never feed more
-        // than one batch plus one event (or reply) before flushing: this cap is a backstop, set
-        // from the largest event a publish can ever carry (admin.max_publish_bytes may be
-        // raised on reload; a connection must not fail because of that).
-        .max_write_buffer_size(BATCH_MAX_BYTES + MAX_EVENT_BYTES_CEILING + 64 * 1024)
+        .max_write_buffer_size(TUNGSTENITE_WRITE_BUFFER_MAX)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes))
         .accept_unmasked_frames(false)
@@ -96,9 +83,9 @@ pub fn ws_config(limits: &Limits) -> WebSocketConfig {
 enum Exit {
     /// Send a close frame with this code and reason, then finish the closing handshake.
     Close(CloseReason, CloseCode, &'static str),
-    /// The peer closed or vanished; flush what tungstenite owes it and stop.
+    /// The peer closed or vanished; send what tungstenite owes it and stop.
     Gone(CloseReason),
-    /// Server shutdown: flush the queue, say goodbye, close 1001.
+    /// Server shutdown: what is queued, then the goodbye, then close 1001.
     Shutdown,
 }
 
@@ -123,16 +110,8 @@ impl Drop for Cleanup {
     }
 }
 
-struct Conn<S> {
-    ws: WebSocketStream<S>,
-    /// Pre-framed events taken from the outbox and not yet fully written; the front one may be
-    /// partly written. Empty whenever the loop waits, so tungstenite's own writes (replies,
-    /// pings, close) never land inside an event frame.
-    pending: VecDeque<Bytes>,
-    /// The outbox had more than one batch: write again before waiting.
-    more_queued: bool,
-    /// Full length of the front pending frame, to tell a partly written one.
-    pending_front_len: usize,
+struct Conn {
+    ws: WebSocketStream<SharedSocket>,
     /// When draining: the moment this connection says goodbye.
     goodbye_at: Option<Instant>,
     gateway: Arc<Gateway>,
@@ -140,9 +119,7 @@ struct Conn<S> {
     shared: Arc<ConnShared>,
     mode: Mode,
     allowed_topics: Option<Arc<BTreeSet<TopicName>>>,
-    write_timeout: Duration,
     last_rx: Instant,
-    last_app: Instant,
     next_ping: Option<Instant>,
     rate: RateLimiter,
 }
@@ -151,10 +128,7 @@ struct Conn<S> {
 ///
 /// Not an `async fn`: its arguments would stay in the future's state next to the `Conn` they
 /// are moved into, doubling the socket's share of every connection's memory.
-pub fn run<S>(ws: WebSocketStream<S>, setup: ConnSetup) -> impl std::future::Future<Output = ()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+pub fn run(ws: WebSocketStream<SharedSocket>, setup: ConnSetup) -> impl std::future::Future<Output = ()> {
     let ConnSetup {
         gateway,
         config,
@@ -173,15 +147,10 @@ where
     let now = Instant::now();
     let limits = &config.limits;
     let mut conn = Conn {
-        write_timeout: enabled(limits.heartbeat_timeout).unwrap_or(DEFAULT_WRITE_TIMEOUT),
         next_ping: enabled(limits.heartbeat_interval).map(|i| now + i),
         rate: RateLimiter::new(limits.max_message_rate_per_minute, now.into_std()),
         last_rx: now,
-        last_app: now,
         ws,
-        pending: VecDeque::new(),
-        more_queued: false,
-        pending_front_len: 0,
         goodbye_at: None,
         gateway,
         config: Arc::clone(&config),
@@ -198,10 +167,7 @@ where
     }
 }
 
-impl<S> Conn<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl Conn {
     async fn serve(&mut self) -> Exit {
         if self.mode == Mode::Client {
             let l = &self.config.limits;
@@ -213,7 +179,7 @@ where
                     idle_timeout_secs: l.idle_timeout.as_secs(),
                 },
             );
-            if let Err(exit) = self.reply(hello).await {
+            if let Err(exit) = self.reply(hello.as_str()) {
                 return exit;
             }
         }
@@ -228,15 +194,9 @@ where
                     // The goodbye waits on the connection's one timer (see `on_timer`).
                     self.goodbye_at = Some(Instant::now() + self.goodbye_delay());
                 }
-                () = self.shared.outbox.ready(), if !self.more_queued => {
-                    if let Err(exit) = self.write_events().await {
-                        return exit;
-                    }
-                }
-                () = std::future::ready(()), if self.more_queued => {
-                    if let Err(exit) = self.write_events().await {
-                        return exit;
-                    }
+                e = poll_fn(|cx| self.shared.outbox.poll_drain(cx)) => {
+                    debug!(error = %e, "write failed");
+                    return Exit::Gone(CloseReason::Client);
                 }
                 frame = self.ws.next() => {
                     // Boxed: client messages are rare next to events, and inline this future
@@ -246,7 +206,7 @@ where
                     }
                 }
                 () = &mut timer => {
-                    if let Err(exit) = Box::pin(self.on_timer()).await {
+                    if let Err(exit) = self.on_timer() {
                         return exit;
                     }
                 }
@@ -254,14 +214,16 @@ where
         }
     }
 
-    /// The nearest of the heartbeat, dead-peer and idle deadlines.
+    /// The nearest of the goodbye, heartbeat, dead-peer and idle deadlines. Idle counts
+    /// events written by publishers too (they record it in `ConnShared`).
     fn next_deadline(&self) -> Instant {
         let l = &self.config.limits;
+        let last_app = Instant::from_std(self.shared.last_activity());
         [
             self.goodbye_at,
             self.next_ping,
             enabled(l.heartbeat_timeout).map(|t| self.last_rx + t),
-            enabled(l.idle_timeout).map(|t| self.last_app + t),
+            enabled(l.idle_timeout).map(|t| last_app + t),
         ]
         .into_iter()
         .flatten()
@@ -269,7 +231,7 @@ where
         .unwrap_or_else(|| Instant::now() + FAR_FUTURE)
     }
 
-    async fn on_timer(&mut self) -> Result<(), Exit> {
+    fn on_timer(&mut self) -> Result<(), Exit> {
         let now = Instant::now();
         let l = &self.config.limits;
         if self.goodbye_at.is_some_and(|at| now >= at) {
@@ -278,13 +240,14 @@ where
         if enabled(l.heartbeat_timeout).is_some_and(|t| now >= self.last_rx + t) {
             return Err(Exit::Gone(CloseReason::DeadPeer));
         }
-        if enabled(l.idle_timeout).is_some_and(|t| now >= self.last_app + t) {
+        let last_app = Instant::from_std(self.shared.last_activity());
+        if enabled(l.idle_timeout).is_some_and(|t| now >= last_app + t) {
             return Err(Exit::Close(CloseReason::Idle, CloseCode::Normal, "idle timeout"));
         }
         if let (Some(at), Some(every)) = (self.next_ping, enabled(l.heartbeat_interval)) {
             if now >= at {
                 self.next_ping = Some(now + every);
-                self.send(Message::Ping(Default::default())).await?;
+                self.send_frame(&protocol::ping_frame())?;
             }
         }
         Ok(())
@@ -301,131 +264,30 @@ where
     }
 
     fn kicked_exit(&self) -> Exit {
-        let reason = self.shared.close_reason().unwrap_or(CloseReason::Kicked);
-        if self.mid_frame() {
-            // Part of an event frame is on the wire: a close frame now would corrupt the stream.
-            return Exit::Gone(reason);
-        }
-        match reason {
-            CloseReason::SlowConsumer => Exit::Close(reason, CloseCode::Policy, "slow consumer"),
-            CloseReason::Kicked => Exit::Close(reason, CloseCode::Policy, "disconnected by operator"),
+        match self.shared.close_reason().unwrap_or(CloseReason::Kicked) {
+            reason @ CloseReason::SlowConsumer => Exit::Close(reason, CloseCode::Policy, "slow consumer"),
+            reason @ CloseReason::Kicked => {
+                Exit::Close(reason, CloseCode::Policy, "disconnected by operator")
+            }
             other => Exit::Close(other, CloseCode::Policy, "closed by server"),
         }
     }
 
-    /// Whether an event frame has been partly written.
-    fn mid_frame(&self) -> bool {
-        self.pending
-            .front()
-            .is_some_and(|f| f.len() < self.pending_front_len)
+    /// Queues (or writes at once) a frame of our own, in line behind queued events.
+    fn send_frame(&self, frame: &Bytes) -> Result<(), Exit> {
+        match self.shared.send_control(frame) {
+            Push::Written | Push::Queued => Ok(()),
+            // The queue is over its bounds: the kick is pending and ends the loop.
+            Push::Full => Ok(()),
+            Push::Closed => Err(Exit::Gone(CloseReason::Client)),
+        }
     }
 
-    /// Takes a batch from the outbox and writes it: whatever is queued goes out in as few
-    /// (vectored) writes as the socket allows; a lone event is written at once.
-    async fn write_events(&mut self) -> Result<(), Exit> {
-        self.more_queued =
-            self.shared
-                .outbox
-                .take_batch(&mut self.pending, BATCH_MAX_MESSAGES, BATCH_MAX_BYTES);
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.pending_front_len = self.pending.front().map_or(0, Bytes::len);
-        let count = self.pending.len() as u64;
-        let shared = Arc::clone(&self.shared);
-        let result = tokio::select! {
-            r = timeout(self.write_timeout, self.write_pending()) => r,
-            () = shared.kicked() => return Err(self.kicked_exit()),
-        };
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed");
-                return Err(Exit::Gone(CloseReason::Client));
-            }
-            // The peer stopped reading long enough to fill every buffer between us.
-            Err(_) => return Err(Exit::Gone(CloseReason::SlowConsumer)),
-        }
-        shared.messages_sent.fetch_add(count, Relaxed);
-        self.last_app = Instant::now();
-        shared.touch(self.last_app.into_std());
-        Ok(())
-    }
-
-    /// Writes every pending frame straight to the socket, bypassing tungstenite's write buffer:
-    /// the frames are already encoded and shared by all subscribers, so copying them into a
-    /// per-connection buffer would only cost time and memory. Cancel-safe: progress is kept in
-    /// `pending` (the front frame is advanced in place).
-    async fn write_pending(&mut self) -> std::io::Result<()> {
-        // tungstenite may still hold part of a frame of its own (an automatic pong): it must be
-        // on the wire before any raw bytes.
-        self.ws
-            .flush()
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        while !self.pending.is_empty() {
-            // The slice array is built inside each poll, so it never lives across an await
-            // (it would add 1 KiB to every connection task's future).
-            let pending = &self.pending;
-            let io = self.ws.get_mut();
-            let mut written = std::future::poll_fn(|cx| {
-                let mut slices = [IoSlice::new(&[]); BATCH_MAX_MESSAGES];
-                let n = pending.len().min(BATCH_MAX_MESSAGES);
-                for (slot, frame) in slices.iter_mut().zip(pending.iter()) {
-                    *slot = IoSlice::new(frame);
-                }
-                std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
-            })
-            .await?;
-            if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            while written > 0 {
-                let Some(front) = self.pending.front_mut() else {
-                    break;
-                };
-                if written >= front.len() {
-                    written -= front.len();
-                    self.pending.pop_front();
-                    self.pending_front_len = self.pending.front().map_or(0, Bytes::len);
-                } else {
-                    front.advance(written);
-                    written = 0;
-                }
-            }
-        }
-        self.ws.get_mut().flush().await
-    }
-
-    /// Sends one reply to the client.
-    async fn reply(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
-        self.send(Message::Text(text)).await?;
+    /// Sends one text reply to the client.
+    fn reply(&self, text: &str) -> Result<(), Exit> {
+        self.send_frame(&protocol::text_frame(text.as_bytes()))?;
         self.shared.messages_sent.fetch_add(1, Relaxed);
         Ok(())
-    }
-
-    async fn send(&mut self, msg: Message) -> Result<(), Exit> {
-        let shared = Arc::clone(&self.shared);
-        let result = tokio::select! {
-            r = timeout(self.write_timeout, self.ws.send(msg)) => r,
-            () = shared.kicked() => return Err(self.kicked_exit()),
-        };
-        self.after_write(result)
-    }
-
-    fn after_write(
-        &self,
-        result: Result<Result<(), WsError>, tokio::time::error::Elapsed>,
-    ) -> Result<(), Exit> {
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed");
-                Err(Exit::Gone(CloseReason::Client))
-            }
-            // The peer stopped reading long enough to fill every buffer between us.
-            Err(_) => Err(Exit::Gone(CloseReason::SlowConsumer)),
-        }
     }
 
     async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Exit> {
@@ -438,12 +300,12 @@ where
         self.last_rx = now;
         match msg {
             Message::Text(text) => {
-                if !self.admit_message(now).await? {
+                if !self.admit_message(now)? {
                     return Ok(());
                 }
                 match self.mode {
-                    Mode::Client => self.on_client_message(text.as_str()).await,
-                    Mode::Echo => self.send(Message::Text(text)).await,
+                    Mode::Client => self.on_client_message(text.as_str()),
+                    Mode::Echo => self.reply(text.as_str()),
                 }
             }
             Message::Binary(data) => match self.mode {
@@ -453,13 +315,16 @@ where
                     "binary messages are not supported",
                 )),
                 Mode::Echo => {
-                    if !self.admit_message(now).await? {
+                    if !self.admit_message(now)? {
                         return Ok(());
                     }
-                    self.send(Message::Binary(data)).await
+                    self.send_frame(&protocol::binary_frame(&data))?;
+                    self.shared.messages_sent.fetch_add(1, Relaxed);
+                    Ok(())
                 }
             },
-            // tungstenite answers pings itself; a pong only proves the peer is alive.
+            // tungstenite answers pings itself (through the outbox); a pong only proves the
+            // peer is alive.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
             Message::Close(_) => Err(Exit::Gone(CloseReason::Client)),
         }
@@ -467,17 +332,16 @@ where
 
     /// Counts an application message and applies the rate limit: `Ok(false)` when this
     /// message is refused (the client was told), an exit when the client keeps flooding.
-    async fn admit_message(&mut self, now: Instant) -> Result<bool, Exit> {
+    fn admit_message(&mut self, now: Instant) -> Result<bool, Exit> {
         self.gateway.metrics.messages_received.fetch_add(1, Relaxed);
         self.shared.messages_received.fetch_add(1, Relaxed);
-        self.last_app = now;
         self.shared.touch(now.into_std());
         match self.rate.check(now.into_std()) {
             RateDecision::Allow => Ok(true),
             RateDecision::Refuse => {
                 self.gateway.metrics.rate_limit_violations.fetch_add(1, Relaxed);
                 let limit = self.config.limits.max_message_rate_per_minute;
-                self.reply(protocol::rate_limit_exceeded(limit)).await?;
+                self.reply(protocol::rate_limit_exceeded(limit).as_str())?;
                 Ok(false)
             }
             RateDecision::Disconnect => {
@@ -491,7 +355,7 @@ where
         }
     }
 
-    async fn on_client_message(&mut self, text: &str) -> Result<(), Exit> {
+    fn on_client_message(&mut self, text: &str) -> Result<(), Exit> {
         let reply = match protocol::parse_client_message(text) {
             Err(message) => protocol::error(&message),
             Ok(ClientMessage::Ping) => protocol::pong(),
@@ -501,7 +365,7 @@ where
                 protocol::status(self.shared.info(), self.gateway.server_metrics())
             }
         };
-        self.reply(reply).await
+        self.reply(reply.as_str())
     }
 
     /// Validates every name first: the request is applied whole or not at all.
@@ -562,46 +426,25 @@ where
         match exit {
             Exit::Gone(reason) => {
                 self.shared.set_close_reason(reason);
-                self.shared.outbox.close();
-                // Flushes the close reply tungstenite queued when the peer's close arrived.
-                // (Not `WebSocketStream::close`, which would try to *send* a close frame,
-                // fail with SendAfterClosing, and drop the queued reply: an unclean close.)
+                // Hands over the close reply tungstenite queued when the peer's close arrived
+                // (`SinkExt::close`, not `WebSocketStream::close`, which would try to send a new
+                // close frame, fail with SendAfterClosing and drop the reply), then writes it.
                 let _ = timeout(CLOSE_TIMEOUT, SinkExt::close(&mut self.ws)).await;
+                self.flush_outbox(CLOSE_TIMEOUT).await;
             }
             Exit::Close(reason, code, why) => {
                 self.shared.set_close_reason(reason);
-                self.shared.outbox.close();
+                if reason == CloseReason::SlowConsumer {
+                    // The client is not reading: do not make it wait behind the backlog.
+                    self.shared.outbox.discard_unsent();
+                }
                 self.close_handshake(code, why).await;
             }
             Exit::Shutdown => {
-                let limit = self.write_timeout.min(CLOSE_TIMEOUT);
-                // What is already queued goes out first, then the goodbye.
-                let queued = async {
-                    loop {
-                        let more = self.shared.outbox.take_batch(
-                            &mut self.pending,
-                            BATCH_MAX_MESSAGES,
-                            BATCH_MAX_BYTES,
-                        );
-                        self.write_pending().await?;
-                        if !more {
-                            return Ok::<(), std::io::Error>(());
-                        }
-                    }
-                };
-                let flushed = matches!(timeout(limit, queued).await, Ok(Ok(())));
+                // Events published from here on are refused; those already queued go first.
                 self.shared.set_close_reason(CloseReason::Shutdown);
-                if !flushed {
-                    return;
-                }
-                let goodbye = async {
-                    self.ws.feed(Message::Text(protocol::server_shutdown())).await?;
-                    self.ws.flush().await
-                };
-                if matches!(
-                    timeout(self.write_timeout.min(CLOSE_TIMEOUT), goodbye).await,
-                    Ok(Ok(()))
-                ) {
+                let bye = protocol::server_shutdown();
+                if self.send_frame(&protocol::text_frame(bye.as_bytes())).is_ok() {
                     self.close_handshake(CloseCode::Away, "server shutting down")
                         .await;
                 }
@@ -609,21 +452,46 @@ where
         }
     }
 
-    /// Sends a close frame and waits (briefly) for the peer's, reading and discarding anything
-    /// still in flight.
+    /// Waits (at most `limit`) until everything queued is on the wire.
+    async fn flush_outbox(&self, limit: Duration) -> bool {
+        matches!(
+            timeout(limit, poll_fn(|cx| self.shared.outbox.poll_flush(cx))).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Sends a close frame (behind what is queued) and waits, within `CLOSE_TIMEOUT` in all,
+    /// for the peer's, reading and discarding anything still in flight.
     async fn close_handshake(&mut self, code: CloseCode, reason: &'static str) {
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        let closing = async {
-            self.ws.close(Some(frame)).await?;
-            while let Some(r) = self.ws.next().await {
-                r?;
+        // tungstenite records that we closed and emits the frame into the outbox.
+        if !matches!(
+            timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        if !self
+            .flush_outbox(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            return;
+        }
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout_at(deadline, async {
+            while let Some(r) = ws.next().await {
+                if r.is_err() {
+                    break;
+                }
             }
-            Ok::<(), WsError>(())
-        };
-        let _ = timeout(CLOSE_TIMEOUT, closing).await;
+        })
+        .await;
+        // The peer's close may have made tungstenite owe a reply; it is harmless to try.
+        self.flush_outbox(Duration::from_millis(100)).await;
     }
 }
 

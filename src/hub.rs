@@ -106,8 +106,8 @@ impl Hub {
             if let Some(entry) = shard.get_mut(topic.as_str()) {
                 entry.seq += 1;
                 for conn in &entry.subscribers {
-                    match conn.try_deliver(frame) {
-                        Push::Queued => delivered += 1,
+                    match conn.try_deliver(frame, start) {
+                        Push::Written | Push::Queued => delivered += 1,
                         Push::Full => full += 1,
                         Push::Closed => {}
                     }
@@ -164,11 +164,11 @@ mod tests {
         )
     }
 
-    /// Everything queued for `c`, as strings.
+    /// Everything queued for `c` (no socket is attached in these tests), as strings.
     fn drain(c: &ConnShared) -> Vec<String> {
-        let mut out = std::collections::VecDeque::new();
-        c.outbox.take_batch(&mut out, usize::MAX, usize::MAX);
-        out.iter()
+        c.outbox
+            .take_all()
+            .iter()
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .collect()
     }

@@ -172,10 +172,26 @@ pub fn encode_event(topic: &TopicName, mut message: Map<String, Value>, timestam
 
 /// A final, unmasked text frame carrying `payload` (RFC 6455 section 5.2).
 pub fn text_frame(payload: &[u8]) -> Bytes {
-    const FIN_TEXT: u8 = 0x81;
+    frame(0x1, payload)
+}
+
+/// A final, unmasked binary frame (the echo endpoint's replies).
+pub fn binary_frame(payload: &[u8]) -> Bytes {
+    frame(0x2, payload)
+}
+
+/// An empty ping frame (the heartbeat).
+pub fn ping_frame() -> Bytes {
+    Bytes::from_static(&[0x89, 0x00])
+}
+
+/// A final, unmasked frame: server frames are never masked, so they are the same bytes for
+/// every connection.
+fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    const FIN: u8 = 0x80;
     let len = payload.len();
     let mut frame = Vec::with_capacity(len + 10);
-    frame.push(FIN_TEXT);
+    frame.push(FIN | opcode);
     if len < 126 {
         frame.push(len as u8);
     } else if let Ok(short) = u16::try_from(len) {

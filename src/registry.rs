@@ -65,18 +65,36 @@ impl ConnShared {
         })
     }
 
-    /// Queues a pre-framed event without waiting. A full queue (by count or by bytes) marks the
-    /// connection as a slow consumer: it is closed rather than allowed to hold memory or slow
-    /// the publisher.
-    pub fn try_deliver(&self, frame: &Bytes) -> Push {
+    /// Offers a pre-framed event without waiting (written at once when the socket is idle).
+    /// A full queue (by count or by bytes) marks the connection as a slow consumer: it is
+    /// closed rather than allowed to hold memory or slow the publisher. `now` is the publish
+    /// time, taken once for all subscribers.
+    pub fn try_deliver(&self, frame: &Bytes, now: Instant) -> Push {
         if self.close_reason.load(Relaxed) != 0 {
             return Push::Closed;
         }
         let r = self.outbox.push(frame);
+        if r.delivered() {
+            self.messages_sent.fetch_add(1, Relaxed);
+            self.touch(now);
+        } else if r == Push::Full {
+            self.kick(CloseReason::SlowConsumer);
+        }
+        r
+    }
+
+    /// Sends a reply or control frame from the connection task (in line behind queued events).
+    pub fn send_control(&self, frame: &Bytes) -> Push {
+        let r = self.outbox.push_control(frame);
         if r == Push::Full {
             self.kick(CloseReason::SlowConsumer);
         }
         r
+    }
+
+    /// The last application activity in either direction.
+    pub fn last_activity(&self) -> Instant {
+        self.started + std::time::Duration::from_millis(self.last_activity_ms.load(Relaxed))
     }
 
     /// Events waiting in the queue.

@@ -18,13 +18,14 @@ use tokio::time::timeout_at;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::connection::{self, ConnSetup, Mode};
 use crate::http::{full, json_error, Body};
 use crate::limits::Refusal;
 use crate::listener::ConnInfo;
 use crate::metrics::RejectReason;
+use crate::outbox::SharedSocket;
 use crate::proxy::AuthDecision;
 use crate::registry::ConnShared;
 use crate::state::Gateway;
@@ -179,38 +180,31 @@ pub async fn accept(
                 mode,
                 allowed_topics: admitted.topics,
             };
-            // Take the TcpStream back out of hyper's type-erased wrapper: every read and write
-            // of the connection's life then goes straight to the socket (no boxed trait object,
-            // no rewind buffer check), and vectored writes reach writev.
-            match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    let tcp = parts.io.into_inner();
-                    let ws = if parts.read_buf.is_empty() {
-                        WebSocketStream::from_raw_socket(tcp, Role::Server, Some(ws_config)).await
-                    } else {
-                        // The client sent frames right behind its request: keep them.
-                        WebSocketStream::from_partially_read(
-                            tcp,
-                            parts.read_buf.to_vec(),
-                            Role::Server,
-                            Some(ws_config),
-                        )
-                        .await
-                    };
-                    let tracker = setup.gateway.tracker.clone();
-                    tracker.spawn(connection::run(ws, setup).instrument(conn_span));
-                }
-                Err(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(ws_config),
-                    )
-                    .await;
-                    let tracker = setup.gateway.tracker.clone();
-                    tracker.spawn(connection::run(ws, setup).instrument(conn_span));
-                }
-            }
+            // Take the TcpStream back out of hyper's type-erased wrapper. It is shared: the
+            // connection's outbox writes to it (publishers write through it directly), and
+            // tungstenite reads from it (its own writes are routed into the outbox).
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                // Only if the listener ever served something other than a plain TCP stream.
+                warn!("upgraded connection is not a TcpStream; dropping it");
+                return;
+            };
+            let tcp = Arc::new(parts.io.into_inner());
+            setup.shared.outbox.attach(Arc::clone(&tcp));
+            let socket = SharedSocket::new(tcp, Arc::clone(&setup.shared));
+            let ws = if parts.read_buf.is_empty() {
+                WebSocketStream::from_raw_socket(socket, Role::Server, Some(ws_config)).await
+            } else {
+                // The client sent frames right behind its request: keep them.
+                WebSocketStream::from_partially_read(
+                    socket,
+                    parts.read_buf.to_vec(),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await
+            };
+            let tracker = setup.gateway.tracker.clone();
+            tracker.spawn(connection::run(ws, setup).instrument(conn_span));
         }
         .instrument(span),
     );
