@@ -94,27 +94,63 @@ impl Hub {
         }
     }
 
-    /// Queues `frame` (an event already encoded as a complete WebSocket frame, see
-    /// `protocol::encode_event`) to every subscriber of `topic`; returns how many connections
-    /// it was queued for. Never waits for a subscriber.
+    /// Delivers `frame` (an event already encoded as a complete WebSocket frame, see
+    /// `protocol::encode_event`) to every subscriber of `topic`: written at once to idle
+    /// sockets, queued behind a backlog otherwise. Returns how many connections it reached.
+    /// Never waits for a subscriber.
     pub fn publish(&self, topic: &TopicName, frame: &Bytes) -> usize {
         let start = Instant::now();
+        let delivered = self.fan_out(topic, frame, start, None);
+        self.metrics.fanout_duration.observe(start.elapsed());
+        delivered
+    }
+
+    /// Delivers a batch in order. Each subscriber gets all of its events of the batch in one
+    /// write: the events are queued first, then every touched connection is flushed once.
+    pub fn publish_batch(&self, events: &[(TopicName, Bytes)]) -> Vec<usize> {
+        let start = Instant::now();
+        let mut touched: Vec<Arc<ConnShared>> = Vec::new();
+        let delivered = events
+            .iter()
+            .map(|(topic, frame)| self.fan_out(topic, frame, start, Some(&mut touched)))
+            .collect();
+        // A connection subscribed to several topics of the batch appears more than once; its
+        // second flush finds nothing left to write.
+        for conn in &touched {
+            conn.outbox.flush_now();
+        }
+        self.metrics.fanout_duration.observe(start.elapsed());
+        delivered
+    }
+
+    /// Hands `frame` to each subscriber of `topic` (queued only, when collecting `touched`).
+    fn fan_out(
+        &self,
+        topic: &TopicName,
+        frame: &Bytes,
+        now: Instant,
+        mut touched: Option<&mut Vec<Arc<ConnShared>>>,
+    ) -> usize {
         let mut delivered = 0;
         let mut full = 0;
         {
             let mut shard = self.shard(topic.as_str());
             if let Some(entry) = shard.get_mut(topic.as_str()) {
                 entry.seq += 1;
+                let deferred = touched.is_some();
                 for conn in &entry.subscribers {
-                    match conn.try_deliver(frame, start) {
+                    match conn.try_deliver(frame, now, deferred) {
                         Push::Written | Push::Queued => delivered += 1,
                         Push::Full => full += 1,
                         Push::Closed => {}
                     }
                 }
+                if let Some(t) = touched.as_mut() {
+                    t.extend(entry.subscribers.iter().cloned());
+                }
             }
         }
-        // Counted once per publish, not per subscriber.
+        // Counted once per event, not per subscriber.
         self.metrics.messages_published.fetch_add(1, Relaxed);
         self.metrics
             .messages_delivered
@@ -122,7 +158,6 @@ impl Hub {
         if full > 0 {
             self.metrics.send_queue_full.fetch_add(full, Relaxed);
         }
-        self.metrics.fanout_duration.observe(start.elapsed());
         delivered
     }
 
@@ -220,6 +255,25 @@ mod tests {
         assert_eq!(hub.publish(&topic("t"), &big), 1);
         assert_eq!(hub.publish(&topic("t"), &big), 0);
         assert_eq!(c.close_reason(), Some(crate::metrics::CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn batch_publish_keeps_order_across_topics_and_counts_each_event() {
+        let hub = Hub::new(Arc::default());
+        let a = conn(1, 16);
+        let b = conn(2, 16);
+        hub.subscribe(&topic("x"), &a);
+        hub.subscribe(&topic("y"), &a);
+        hub.subscribe(&topic("y"), &b);
+        let counts = hub.publish_batch(&[
+            (topic("x"), ev("1")),
+            (topic("y"), ev("2")),
+            (topic("z"), ev("3")),
+            (topic("x"), ev("4")),
+        ]);
+        assert_eq!(counts, [1, 2, 0, 1]);
+        assert_eq!(drain(&a), ["1", "2", "4"]);
+        assert_eq!(drain(&b), ["2"]);
     }
 
     #[test]

@@ -102,7 +102,14 @@ impl Outbox {
     /// Offers an event frame: written at once when nothing is queued and the socket takes it,
     /// queued otherwise, refused when the queue is at its bounds. Never waits.
     pub fn push(&self, frame: &Bytes) -> Push {
-        self.offer(frame, self.max_messages, self.max_bytes)
+        self.offer(frame, self.max_messages, self.max_bytes, true)
+    }
+
+    /// Queues an event frame without writing it: a batch publish queues all of its events
+    /// first, then calls `flush_now` once, so each subscriber gets the whole batch in one
+    /// `writev` instead of one `write` per event.
+    pub fn push_deferred(&self, frame: &Bytes) -> Push {
+        self.offer(frame, self.max_messages, self.max_bytes, false)
     }
 
     /// Offers a control frame or reply (more slack than events; see `CONTROL_SLACK_BYTES`).
@@ -111,16 +118,49 @@ impl Outbox {
             frame,
             self.max_messages + CONTROL_SLACK_MESSAGES,
             self.max_bytes + CONTROL_SLACK_BYTES,
+            true,
         )
     }
 
-    fn offer(&self, frame: &Bytes, max_messages: usize, max_bytes: usize) -> Push {
+    /// Writes what is queued without waiting, as far as the socket takes it; what is left is
+    /// handed to the connection task (woken to wait for writability).
+    pub fn flush_now(&self) {
+        let mut st = self.lock();
+        if st.closed || st.failed {
+            return;
+        }
+        let Some(socket) = st.socket.clone() else { return };
+        while !st.queue.is_empty() {
+            match st.write_some(&socket) {
+                Ok(0) => {
+                    st.failed = true;
+                    break;
+                }
+                Ok(n) => st.consume(n),
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        st.failed = true;
+                    }
+                    break;
+                }
+            }
+        }
+        if !st.queue.is_empty() || st.failed {
+            let waker = st.waker.take();
+            drop(st);
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
+    fn offer(&self, frame: &Bytes, max_messages: usize, max_bytes: usize, direct: bool) -> Push {
         let mut st = self.lock();
         if st.closed || st.failed {
             return Push::Closed;
         }
         let len = frame.len();
-        if st.queue.is_empty() {
+        if st.queue.is_empty() && direct {
             if let Some(socket) = &st.socket {
                 let outcome = match socket.try_write(frame) {
                     Ok(n) if n == len => return Push::Written,
@@ -155,7 +195,8 @@ impl Outbox {
         // publish body cap bounds it).
         st.queue.push_back(frame.clone());
         st.bytes += len;
-        let waker = if st.queue.len() == 1 {
+        // A deferred frame is followed by `flush_now`, which wakes the task if it must.
+        let waker = if st.queue.len() == 1 && direct {
             st.waker.take()
         } else {
             None
@@ -182,15 +223,7 @@ impl Outbox {
                 st.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             };
-            let result = {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let n = st.queue.len().min(MAX_IOVECS);
-                for (slot, frame) in slices.iter_mut().zip(st.queue.iter()) {
-                    *slot = IoSlice::new(frame);
-                }
-                socket.try_write_vectored(&slices[..n])
-            };
-            match result {
+            match st.write_some(&socket) {
                 Ok(0) => {
                     st.failed = true;
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -277,6 +310,16 @@ impl Outbox {
 }
 
 impl State {
+    /// One non-blocking `writev` of the front of the queue (up to `MAX_IOVECS` frames).
+    fn write_some(&self, socket: &TcpStream) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let n = self.queue.len().min(MAX_IOVECS);
+        for (slot, frame) in slices.iter_mut().zip(self.queue.iter()) {
+            *slot = IoSlice::new(frame);
+        }
+        socket.try_write_vectored(&slices[..n])
+    }
+
     /// Removes `n` written bytes from the front of the queue.
     fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
@@ -443,6 +486,23 @@ mod tests {
         .unwrap();
         reader.await.unwrap();
         assert!(o.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deferred_frames_go_out_together_on_flush_now() {
+        let (server, mut client) = socket_pair().await;
+        let o = Outbox::new(100, 1 << 20);
+        o.attach(server);
+        for i in 0..10u8 {
+            assert_eq!(o.push_deferred(&Bytes::from(vec![b'a' + i; 3])), Push::Queued);
+        }
+        assert_eq!(o.len(), 10, "nothing is written before the flush");
+        o.flush_now();
+        assert!(o.is_empty());
+        let mut got = [0u8; 30];
+        client.read_exact(&mut got).await.unwrap();
+        let expected: Vec<u8> = (0..10u8).flat_map(|i| [b'a' + i; 3]).collect();
+        assert_eq!(&got[..], &expected[..]);
     }
 
     #[tokio::test]

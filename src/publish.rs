@@ -11,6 +11,8 @@ use hyper::body::Incoming;
 use hyper::{header, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
+use bytes::Bytes;
+
 use crate::http::{json_error, json_response, Body};
 use crate::protocol::{encode_event, timestamp};
 use crate::state::Gateway;
@@ -75,7 +77,14 @@ async fn publish(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
                 }
             }
             let ts = timestamp();
-            let delivered: Vec<usize> = events.into_iter().map(|e| deliver(gateway, e, &ts)).collect();
+            let encoded: Vec<(TopicName, Bytes)> = events
+                .into_iter()
+                .map(|e| {
+                    let frame = encode_event(&e.topic, e.message, &ts);
+                    (e.topic, frame)
+                })
+                .collect();
+            let delivered = gateway.hub.publish_batch(&encoded);
             json_response(StatusCode::OK, &json!({ "delivered": delivered }))
         }
         single => match validate(single, max_len, allowed) {

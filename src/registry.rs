@@ -65,15 +65,20 @@ impl ConnShared {
         })
     }
 
-    /// Offers a pre-framed event without waiting (written at once when the socket is idle).
+    /// Offers a pre-framed event without waiting: written at once when the socket is idle, or,
+    /// when `deferred`, only queued (the caller then calls `outbox.flush_now()`).
     /// A full queue (by count or by bytes) marks the connection as a slow consumer: it is
     /// closed rather than allowed to hold memory or slow the publisher. `now` is the publish
     /// time, taken once for all subscribers.
-    pub fn try_deliver(&self, frame: &Bytes, now: Instant) -> Push {
+    pub fn try_deliver(&self, frame: &Bytes, now: Instant, deferred: bool) -> Push {
         if self.close_reason.load(Relaxed) != 0 {
             return Push::Closed;
         }
-        let r = self.outbox.push(frame);
+        let r = if deferred {
+            self.outbox.push_deferred(frame)
+        } else {
+            self.outbox.push(frame)
+        };
         if r.delivered() {
             self.messages_sent.fetch_add(1, Relaxed);
             self.touch(now);
