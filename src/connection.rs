@@ -276,7 +276,7 @@ impl Conn {
     /// Queues (or writes at once) a frame of our own, in line behind queued events.
     fn send_frame(&self, frame: &Bytes) -> Result<(), Exit> {
         match self.shared.send_control(frame) {
-            Push::Written | Push::Queued => Ok(()),
+            Push::Written | Push::Queued | Push::Batched => Ok(()),
             // The queue is over its bounds: the kick is pending and ends the loop.
             Push::Full => Ok(()),
             Push::Closed => Err(Exit::Gone(CloseReason::Client)),
@@ -443,6 +443,7 @@ impl Conn {
             Exit::Shutdown => {
                 // Events published from here on are refused; those already queued go first.
                 self.shared.set_close_reason(CloseReason::Shutdown);
+                self.shared.outbox.refuse_events();
                 let bye = protocol::server_shutdown();
                 if self.send_frame(&protocol::text_frame(bye.as_bytes())).is_ok() {
                     self.close_handshake(CloseCode::Away, "server shutting down")

@@ -114,8 +114,7 @@ impl Hub {
             .iter()
             .map(|(topic, frame)| self.fan_out(topic, frame, start, Some(&mut touched)))
             .collect();
-        // A connection subscribed to several topics of the batch appears more than once; its
-        // second flush finds nothing left to write.
+        // `touched` holds each connection the batch queued for once (see `Push::Batched`).
         for conn in &touched {
             conn.outbox.flush_now();
         }
@@ -141,12 +140,16 @@ impl Hub {
                 for conn in &entry.subscribers {
                     match conn.try_deliver(frame, now, deferred) {
                         Push::Written | Push::Queued => delivered += 1,
+                        Push::Batched => {
+                            delivered += 1;
+                            // Once per connection per batch, however many events it gets.
+                            if let Some(t) = touched.as_mut() {
+                                t.push(Arc::clone(conn));
+                            }
+                        }
                         Push::Full => full += 1,
                         Push::Closed => {}
                     }
-                }
-                if let Some(t) = touched.as_mut() {
-                    t.extend(entry.subscribers.iter().cloned());
                 }
             }
         }
@@ -274,6 +277,42 @@ mod tests {
         assert_eq!(counts, [1, 2, 0, 1]);
         assert_eq!(drain(&a), ["1", "2", "4"]);
         assert_eq!(drain(&b), ["2"]);
+    }
+
+    /// A subscriber with a real socket behind it (and the client end, to read what arrived).
+    async fn attached(id: u64, queue: usize, bytes: usize) -> (Arc<ConnShared>, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let c = ConnShared::new(id, "c".into(), "127.0.0.1".parse().unwrap(), queue, bytes);
+        c.outbox.attach(Arc::new(server));
+        (c, client)
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_queue_is_not_a_slow_consumer() {
+        use tokio::io::AsyncReadExt;
+        let hub = Hub::new(Arc::default());
+        let (c, mut client) = attached(1, 16, 1 << 20).await;
+        hub.subscribe(&topic("t"), &c);
+        let events: Vec<_> = (0..100).map(|i| (topic("t"), ev(&format!("<{i:03}>")))).collect();
+        assert_eq!(hub.publish_batch(&events), vec![1; 100]);
+        assert_eq!(c.close_reason(), None, "an idle reader is not a slow consumer");
+        let mut got = vec![0u8; 500];
+        client.read_exact(&mut got).await.unwrap();
+        let expected: String = (0..100).map(|i| format!("<{i:03}>")).collect();
+        assert_eq!(String::from_utf8_lossy(&got), expected);
+
+        // One event over the whole byte budget goes through on an empty queue, in a batch as
+        // when published alone.
+        let (c, _client) = attached(2, 16, 1000).await;
+        hub.subscribe(&topic("big"), &c);
+        let big = ev(&"x".repeat(2000));
+        assert_eq!(hub.publish(&topic("big"), &big), 1);
+        assert_eq!(hub.publish_batch(&[(topic("big"), big)]), vec![1]);
+        assert_eq!(c.close_reason(), None);
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub enum Push {
     Written,
     /// Queued behind other frames or for a socket that was full.
     Queued,
+    /// Queued by `push_deferred`, and nobody owed this connection a flush yet: the caller must
+    /// call `flush_now` once its batch is queued. (Later frames of the batch answer `Queued`,
+    /// so a batch flushes each connection once, however many of its events it gets.)
+    Batched,
     /// Over the message or byte bound: nothing was queued.
     Full,
     /// The connection is closing or its socket failed: nothing was queued.
@@ -49,8 +53,20 @@ pub enum Push {
 
 impl Push {
     pub fn delivered(self) -> bool {
-        matches!(self, Push::Written | Push::Queued)
+        matches!(self, Push::Written | Push::Queued | Push::Batched)
     }
+}
+
+/// What is being offered: the bounds and the write policy follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An event, written at once to an idle socket.
+    Event,
+    /// An event of a batch: queued now, written by `flush_now` with the rest of the batch.
+    Deferred,
+    /// A reply or a frame of the protocol's own (pings, pongs, close): more slack, and never
+    /// refused because events are.
+    Control,
 }
 
 pub struct Outbox {
@@ -67,6 +83,12 @@ struct State {
     closed: bool,
     /// A write failed: the connection is gone.
     failed: bool,
+    /// No more events: a close frame (or the shutdown goodbye) is queued, and RFC 6455 allows
+    /// nothing after a close frame. Set under the same lock the close frame is queued under, so
+    /// a publisher racing the close cannot slip an event in behind it.
+    events_refused: bool,
+    /// A batch queued frames here and will call `flush_now` (see `Push::Batched`).
+    flush_owed: bool,
     socket: Option<Arc<TcpStream>>,
     /// The connection task, waiting for frames to drain.
     waker: Option<Waker>,
@@ -81,6 +103,8 @@ impl Outbox {
                 front_partial: false,
                 closed: false,
                 failed: false,
+                events_refused: false,
+                flush_owed: false,
                 socket: None,
                 waker: None,
             }),
@@ -102,49 +126,37 @@ impl Outbox {
     /// Offers an event frame: written at once when nothing is queued and the socket takes it,
     /// queued otherwise, refused when the queue is at its bounds. Never waits.
     pub fn push(&self, frame: &Bytes) -> Push {
-        self.offer(frame, self.max_messages, self.max_bytes, true)
+        self.offer(frame, Kind::Event)
     }
 
     /// Queues an event frame without writing it: a batch publish queues all of its events
-    /// first, then calls `flush_now` once, so each subscriber gets the whole batch in one
-    /// `writev` instead of one `write` per event.
+    /// first, then calls `flush_now` for every connection that answered `Push::Batched`, so
+    /// each subscriber gets the whole batch in one `writev` instead of one `write` per event.
     pub fn push_deferred(&self, frame: &Bytes) -> Push {
-        self.offer(frame, self.max_messages, self.max_bytes, false)
+        self.offer(frame, Kind::Deferred)
     }
 
     /// Offers a control frame or reply (more slack than events; see `CONTROL_SLACK_BYTES`).
+    /// A close frame among them ends the events: none is accepted after it.
     pub fn push_control(&self, frame: &Bytes) -> Push {
-        self.offer(
-            frame,
-            self.max_messages + CONTROL_SLACK_MESSAGES,
-            self.max_bytes + CONTROL_SLACK_BYTES,
-            true,
-        )
+        self.offer(frame, Kind::Control)
+    }
+
+    /// Refuses events from now on; control frames still pass (the shutdown goodbye and the
+    /// close frame go out after what is already queued, and nothing else does).
+    pub fn refuse_events(&self) {
+        self.lock().events_refused = true;
     }
 
     /// Writes what is queued without waiting, as far as the socket takes it; what is left is
     /// handed to the connection task (woken to wait for writability).
     pub fn flush_now(&self) {
         let mut st = self.lock();
+        st.flush_owed = false;
         if st.closed || st.failed {
             return;
         }
-        let Some(socket) = st.socket.clone() else { return };
-        while !st.queue.is_empty() {
-            match st.write_some(&socket) {
-                Ok(0) => {
-                    st.failed = true;
-                    break;
-                }
-                Ok(n) => st.consume(n),
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        st.failed = true;
-                    }
-                    break;
-                }
-            }
-        }
+        st.write_queued();
         if !st.queue.is_empty() || st.failed {
             let waker = st.waker.take();
             drop(st);
@@ -154,13 +166,17 @@ impl Outbox {
         }
     }
 
-    fn offer(&self, frame: &Bytes, max_messages: usize, max_bytes: usize, direct: bool) -> Push {
+    fn offer(&self, frame: &Bytes, kind: Kind) -> Push {
+        debug_assert!(!frame.is_empty(), "an empty frame would read as a failed write");
         let mut st = self.lock();
-        if st.closed || st.failed {
+        if st.closed || st.failed || (kind != Kind::Control && st.events_refused) {
             return Push::Closed;
         }
+        if kind == Kind::Control && crate::protocol::holds_close_frame(frame) {
+            st.events_refused = true;
+        }
         let len = frame.len();
-        if st.queue.is_empty() && direct {
+        if st.queue.is_empty() && kind != Kind::Deferred {
             if let Some(socket) = &st.socket {
                 let outcome = match socket.try_write(frame) {
                     Ok(n) if n == len => return Push::Written,
@@ -170,7 +186,7 @@ impl Outbox {
                         st.bytes += len - n;
                         Push::Queued
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Err(e) if retryable(&e) => {
                         st.queue.push_back(frame.clone());
                         st.bytes += len;
                         Push::Queued
@@ -188,15 +204,41 @@ impl Outbox {
                 }
                 return outcome;
             }
-        } else if st.queue.len() >= max_messages || st.bytes + len > max_bytes {
-            return Push::Full;
         }
+        let (max_messages, max_bytes) = match kind {
+            Kind::Control => (
+                self.max_messages + CONTROL_SLACK_MESSAGES,
+                self.max_bytes + CONTROL_SLACK_BYTES,
+            ),
+            Kind::Event | Kind::Deferred => (self.max_messages, self.max_bytes),
+        };
+        let over = |st: &State| st.queue.len() >= max_messages || st.bytes + len > max_bytes;
         // One frame larger than the whole budget still goes through on an empty queue (the
         // publish body cap bounds it).
+        if !st.queue.is_empty() && over(&st) {
+            // A batch larger than the queue is not a slow consumer: write out what the socket
+            // takes, and judge the client by what it cannot.
+            if kind == Kind::Deferred {
+                st.write_queued();
+            }
+            if st.failed {
+                return Push::Closed;
+            }
+            if !st.queue.is_empty() && over(&st) {
+                return Push::Full;
+            }
+        }
         st.queue.push_back(frame.clone());
         st.bytes += len;
-        // A deferred frame is followed by `flush_now`, which wakes the task if it must.
-        let waker = if st.queue.len() == 1 && direct {
+        if kind == Kind::Deferred {
+            // `flush_now` follows, and wakes the task if it must.
+            return if std::mem::replace(&mut st.flush_owed, true) {
+                Push::Queued
+            } else {
+                Push::Batched
+            };
+        }
+        let waker = if st.queue.len() == 1 {
             st.waker.take()
         } else {
             None
@@ -229,6 +271,7 @@ impl Outbox {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 Ok(n) => st.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(st);
                     // Registers for writability; loops to write again once it is there.
@@ -254,12 +297,12 @@ impl Outbox {
                 let mut st = self.lock();
                 if st.queue.is_empty() {
                     st.waker = Some(cx.waker().clone());
-                    Poll::Pending
                 } else {
                     // Something arrived between the flush and the lock: go round again.
+                    drop(st);
                     cx.waker().wake_by_ref();
-                    Poll::Pending
                 }
+                Poll::Pending
             }
         }
     }
@@ -309,7 +352,36 @@ impl Outbox {
     }
 }
 
+/// A failed non-blocking write that is worth trying again later (the socket is full, or a
+/// signal interrupted the call), as opposed to a dead connection.
+fn retryable(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}
+
 impl State {
+    /// Writes from the front of the queue until it is empty or the socket is full; a write
+    /// error marks the connection failed. Never waits.
+    fn write_queued(&mut self) {
+        let Some(socket) = self.socket.clone() else {
+            return;
+        };
+        while !self.queue.is_empty() {
+            match self.write_some(&socket) {
+                Ok(0) => {
+                    self.failed = true;
+                    break;
+                }
+                Ok(n) => self.consume(n),
+                Err(e) => {
+                    if !retryable(&e) {
+                        self.failed = true;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
     /// One non-blocking `writev` of the front of the queue (up to `MAX_IOVECS` frames).
     fn write_some(&self, socket: &TcpStream) -> io::Result<usize> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -379,7 +451,7 @@ impl AsyncWrite for SharedSocket {
         // tungstenite writes whole frames from its buffer, and we take all of it at once, so
         // each call is complete frames.
         match self.outbox.outbox.push_control(&Bytes::copy_from_slice(buf)) {
-            Push::Written | Push::Queued => Poll::Ready(Ok(buf.len())),
+            Push::Written | Push::Queued | Push::Batched => Poll::Ready(Ok(buf.len())),
             Push::Full => Poll::Ready(Err(io::Error::other("send queue full"))),
             Push::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
@@ -494,7 +566,8 @@ mod tests {
         let o = Outbox::new(100, 1 << 20);
         o.attach(server);
         for i in 0..10u8 {
-            assert_eq!(o.push_deferred(&Bytes::from(vec![b'a' + i; 3])), Push::Queued);
+            let expected = if i == 0 { Push::Batched } else { Push::Queued };
+            assert_eq!(o.push_deferred(&Bytes::from(vec![b'a' + i; 3])), expected);
         }
         assert_eq!(o.len(), 10, "nothing is written before the flush");
         o.flush_now();
@@ -503,6 +576,67 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         let expected: Vec<u8> = (0..10u8).flat_map(|i| [b'a' + i; 3]).collect();
         assert_eq!(&got[..], &expected[..]);
+    }
+
+    #[test]
+    fn a_batch_owes_each_connection_one_flush() {
+        let o = Outbox::new(100, 1 << 20);
+        assert_eq!(o.push_deferred(&frame(3)), Push::Batched);
+        assert_eq!(o.push_deferred(&frame(3)), Push::Queued);
+        o.flush_now();
+        assert_eq!(o.push_deferred(&frame(3)), Push::Batched);
+    }
+
+    /// Publishers on other threads race the connection queueing its close frame: whatever
+    /// they manage to send must be on the wire before the close frame, never after it.
+    #[test]
+    fn no_event_follows_a_close_frame() {
+        use std::io::Read;
+        const EVENT: &[u8] = &[0x81, 0x01, b'E'];
+        const CLOSE: &[u8] = &[0x88, 0x02, 0x03, 0xE8];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for round in 0..100 {
+            let (server, client) = rt.block_on(socket_pair());
+            let o = Arc::new(Outbox::new(1 << 20, 1 << 30));
+            o.attach(server);
+            let go = Arc::new(std::sync::Barrier::new(4));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let publishers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (o, go, stop) = (Arc::clone(&o), Arc::clone(&go), Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        go.wait();
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            if o.push(&Bytes::from_static(EVENT)) == Push::Closed {
+                                break;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            go.wait();
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            assert!(o.push_control(&Bytes::from_static(CLOSE)).delivered());
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            for p in publishers {
+                p.join().unwrap();
+            }
+            o.close();
+            drop(o);
+            let mut client = client.into_std().unwrap();
+            client.set_nonblocking(false).unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            let tail = got
+                .windows(CLOSE.len())
+                .position(|w| w == CLOSE)
+                .map(|i| &got[i + CLOSE.len()..]);
+            assert_eq!(tail, Some(&[][..]), "round {round}: bytes after the close frame");
+        }
     }
 
     #[tokio::test]

@@ -185,6 +185,30 @@ pub fn ping_frame() -> Bytes {
     Bytes::from_static(&[0x89, 0x00])
 }
 
+/// Whether `buf`, a run of whole unmasked frames as the server writes them, holds a close frame.
+/// (The outbox refuses events once a close frame is queued: nothing may follow it on the wire.)
+pub fn holds_close_frame(mut buf: &[u8]) -> bool {
+    const OP_CLOSE: u8 = 0x8;
+    while let [b0, b1, rest @ ..] = buf {
+        if b0 & 0x0F == OP_CLOSE {
+            return true;
+        }
+        let (len, rest) = match (b1 & 0x7F, rest) {
+            (126, [a, b, rest @ ..]) => (u64::from(u16::from_be_bytes([*a, *b])), rest),
+            (127, [a, b, c, d, e, f, g, h, rest @ ..]) => {
+                (u64::from_be_bytes([*a, *b, *c, *d, *e, *f, *g, *h]), rest)
+            }
+            (n @ 0..=125, rest) => (u64::from(n), rest),
+            _ => return false,
+        };
+        buf = usize::try_from(len)
+            .ok()
+            .and_then(|l| rest.get(l..))
+            .unwrap_or(&[]);
+    }
+    false
+}
+
 /// A final, unmasked frame: server frames are never masked, so they are the same bytes for
 /// every connection.
 fn frame(opcode: u8, payload: &[u8]) -> Bytes {
@@ -209,6 +233,38 @@ fn frame(opcode: u8, payload: &[u8]) -> Bytes {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn finds_a_close_frame_among_server_frames() {
+        let close = Bytes::from_static(&[0x88, 0x02, 0x03, 0xE8]);
+        assert!(holds_close_frame(&close));
+        assert!(!holds_close_frame(&ping_frame()));
+        assert!(!holds_close_frame(&text_frame(&[b'x'; 300])));
+        assert!(!holds_close_frame(&text_frame(&vec![b'x'; 70_000])));
+        for before in [
+            ping_frame(),
+            text_frame(b"hi"),
+            text_frame(&[b'x'; 300]),
+            text_frame(&vec![b'x'; 70_000]),
+        ] {
+            let mut run = before.to_vec();
+            run.extend_from_slice(&close);
+            assert!(
+                holds_close_frame(&run),
+                "close after a {}-byte frame",
+                before.len()
+            );
+        }
+        assert!(!holds_close_frame(&[]));
+        assert!(!holds_close_frame(&[0x81]));
+    }
+
+    proptest! {
+        #[test]
+        fn close_frame_scan_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = holds_close_frame(&buf);
+        }
+    }
 
     fn err(text: &str) -> String {
         parse_client_message(text).unwrap_err()
