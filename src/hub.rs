@@ -287,7 +287,7 @@ mod tests {
             .unwrap();
         let (server, _) = l.accept().await.unwrap();
         let c = ConnShared::new(id, "c".into(), "127.0.0.1".parse().unwrap(), queue, bytes);
-        c.outbox.attach(Arc::new(server));
+        c.outbox.attach(server);
         (c, client)
     }
 

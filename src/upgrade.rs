@@ -188,9 +188,8 @@ pub async fn accept(
                 warn!("upgraded connection is not a TcpStream; dropping it");
                 return;
             };
-            let tcp = Arc::new(parts.io.into_inner());
-            setup.shared.outbox.attach(Arc::clone(&tcp));
-            let socket = SharedSocket::new(tcp, Arc::clone(&setup.shared));
+            setup.shared.outbox.attach(parts.io.into_inner());
+            let socket = SharedSocket::new(Arc::clone(&setup.shared));
             let ws = if parts.read_buf.is_empty() {
                 WebSocketStream::from_raw_socket(socket, Role::Server, Some(ws_config)).await
             } else {

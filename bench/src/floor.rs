@@ -21,6 +21,7 @@ use std::rc::Rc;
 use std::time::SystemTime;
 
 use serde_json::Value;
+use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -56,7 +57,10 @@ impl Sub {
             p.extend_from_slice(frame);
             return true;
         }
-        match self.stream.try_write(frame) {
+        // A plain `send(2)` on the borrowed descriptor, as wsgate's direct path does (tokio's
+        // readiness bookkeeping buys nothing for a write that never waits); `flush` below goes
+        // through tokio, so a full socket is still waited for properly.
+        match SockRef::from(&self.stream).send(frame) {
             Ok(n) if n == frame.len() => return true,
             Ok(n) => p.extend_from_slice(&frame[n..]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => p.extend_from_slice(frame),
