@@ -615,6 +615,7 @@ mod tests {
     #[test]
     fn no_event_follows_a_close_frame() {
         use std::io::Read;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
         const EVENT: &[u8] = &[0x81, 0x01, b'E'];
         const CLOSE: &[u8] = &[0x88, 0x02, 0x03, 0xE8];
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -625,26 +626,38 @@ mod tests {
             let (server, client) = rt.block_on(socket_pair());
             let o = Arc::new(Outbox::new(1 << 20, 1 << 30));
             o.attach(server);
-            let go = Arc::new(std::sync::Barrier::new(4));
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop = Arc::new(AtomicBool::new(false));
+            let pushes = Arc::new(AtomicUsize::new(0));
             let publishers: Vec<_> = (0..3)
                 .map(|_| {
-                    let (o, go, stop) = (Arc::clone(&o), Arc::clone(&go), Arc::clone(&stop));
+                    let (o, stop, pushes) = (Arc::clone(&o), Arc::clone(&stop), Arc::clone(&pushes));
                     std::thread::spawn(move || {
-                        go.wait();
-                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            if o.push(&Bytes::from_static(EVENT)) == Push::Closed {
+                        while !stop.load(Relaxed) {
+                            let r = o.push(&Bytes::from_static(EVENT));
+                            pushes.fetch_add(1, Relaxed);
+                            if r == Push::Closed {
                                 break;
                             }
                         }
                     })
                 })
                 .collect();
-            go.wait();
-            std::thread::sleep(std::time::Duration::from_micros(100));
+            // The close goes in while the publishers are in full swing, and they keep trying
+            // after it until each has been refused (or, were events not refused, for a while).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+                while !done() {
+                    assert!(std::time::Instant::now() < deadline, "round {round}: {what}");
+                    std::thread::yield_now();
+                }
+            };
+            wait_until("publishers did not start", &|| pushes.load(Relaxed) >= 50);
             assert!(o.push_control(&Bytes::from_static(CLOSE)).delivered());
-            std::thread::sleep(std::time::Duration::from_micros(100));
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let at_close = pushes.load(Relaxed);
+            wait_until("publishers stalled", &|| {
+                publishers.iter().all(|p| p.is_finished()) || pushes.load(Relaxed) >= at_close + 300
+            });
+            stop.store(true, Relaxed);
             for p in publishers {
                 p.join().unwrap();
             }
