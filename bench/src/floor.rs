@@ -140,7 +140,9 @@ impl State {
 }
 
 pub fn serve(listen: SocketAddr, admin: SocketAddr) -> io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let st = Rc::new(State::default());
@@ -193,7 +195,9 @@ async fn ws_conn(st: Rc<State>, mut stream: TcpStream) {
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let Some(key) = ws::header_value(head, "sec-websocket-key").map(<[u8]>::to_vec) else {
-        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            .await;
         return;
     };
     rd.consume(end);
@@ -207,7 +211,13 @@ async fn ws_conn(st: Rc<State>, mut stream: TcpStream) {
     }
     let id = st.next_id.get();
     st.next_id.set(id + 1);
-    let sub = Rc::new(Sub { id, stream, pending: RefCell::new(Vec::new()), wake: Notify::new(), dead: Cell::new(false) });
+    let sub = Rc::new(Sub {
+        id,
+        stream,
+        pending: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        dead: Cell::new(false),
+    });
     let mut topics: Vec<String> = Vec::new();
     let mut out = Vec::new();
     if let Some(t) = path.strip_prefix("/sub/") {
@@ -357,7 +367,9 @@ async fn admin_conn(st: Rc<State>, mut stream: TcpStream) {
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0);
         if len > MAX_BODY {
-            let _ = stream.write_all(&http_response("413 Payload Too Large", "{}")).await;
+            let _ = stream
+                .write_all(&http_response("413 Payload Too Large", "{}"))
+                .await;
             return;
         }
         rd.consume(end);
@@ -378,10 +390,16 @@ async fn admin_conn(st: Rc<State>, mut stream: TcpStream) {
             match serde_json::from_slice::<Value>(body) {
                 Ok(Value::Array(items)) => {
                     // All or nothing, like wsgate: validate every event before sending any.
-                    match items.into_iter().map(|i| prepare_event(i, &stamp)).collect::<Result<Vec<_>, _>>() {
+                    match items
+                        .into_iter()
+                        .map(|i| prepare_event(i, &stamp))
+                        .collect::<Result<Vec<_>, _>>()
+                    {
                         Ok(events) => {
-                            let counts: Vec<String> =
-                                publish_batch(&st, events, &mut frame).iter().map(usize::to_string).collect();
+                            let counts: Vec<String> = publish_batch(&st, events, &mut frame)
+                                .iter()
+                                .map(usize::to_string)
+                                .collect();
                             http_response("200 OK", &format!(r#"{{"delivered":[{}]}}"#, counts.join(",")))
                         }
                         Err(e) => http_response("400 Bad Request", &format!(r#"{{"error":"{e}"}}"#)),

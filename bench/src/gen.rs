@@ -228,7 +228,10 @@ async fn open(o: &Opts, idx: usize, topic: usize) -> io::Result<(TcpStream, Read
     let head = &rd.pending()[..end];
     if !head.starts_with(b"HTTP/1.1 101") {
         let line = head.split(|&c| c == b'\r').next().unwrap_or_default();
-        return Err(io::Error::other(format!("upgrade refused: {}", String::from_utf8_lossy(line))));
+        return Err(io::Error::other(format!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(line)
+        )));
     }
     if ws::header_value(head, "sec-websocket-accept") != Some(ws::accept_key(key.as_bytes()).as_bytes()) {
         return Err(io::Error::other("wrong Sec-WebSocket-Accept"));
@@ -238,7 +241,9 @@ async fn open(o: &Opts, idx: usize, topic: usize) -> io::Result<(TcpStream, Read
         expect_text(&stream, &mut rd, "connection_established").await?;
         let msg = format!(r#"{{"type":"subscribe","events":["{}"]}}"#, topic_name(topic));
         let mask = (idx as u32 | 1).to_le_bytes();
-        stream.write_all(&ws::client_frame(ws::OP_TEXT, msg.as_bytes(), mask)).await?;
+        stream
+            .write_all(&ws::client_frame(ws::OP_TEXT, msg.as_bytes(), mask))
+            .await?;
         expect_text(&stream, &mut rd, "subscription_confirmed").await?;
     }
     Ok((stream, rd))
@@ -310,7 +315,9 @@ async fn subscriber(sh: Rc<Shared>, o: Rc<Opts>, idx: usize, sem: Rc<Semaphore>)
                     }
                     sh.next_seq[idx].set(seq + 1);
                     sh.received.set(sh.received.get() + 1);
-                    sh.hist.borrow_mut().saturating_record(now.saturating_sub(ts).max(1));
+                    sh.hist
+                        .borrow_mut()
+                        .saturating_record(now.saturating_sub(ts).max(1));
                     sh.last_recv_ns.set(now);
                 }
                 ws::OP_PING => {
@@ -324,7 +331,11 @@ async fn subscriber(sh: Rc<Shared>, o: Rc<Opts>, idx: usize, sem: Rc<Semaphore>)
                 ws::OP_CLOSE => {
                     let p = rd.payload(&f);
                     let s = String::from_utf8_lossy(p.get(2..).unwrap_or_default()).into_owned();
-                    let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
+                    let code = if p.len() >= 2 {
+                        u16::from_be_bytes([p[0], p[1]])
+                    } else {
+                        1005
+                    };
                     sh.error(|| format!("conn {idx}: server closed with {code} {s:?}"));
                     sh.closed.set(sh.closed.get() + 1);
                     return;
@@ -402,7 +413,8 @@ impl HttpConn {
             .and_then(|c| c.parse::<u16>().ok())
             .ok_or_else(|| io::Error::other("bad status line"))?;
         self.reopen = ws::header_value(h, "connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-        let chunked = ws::header_value(h, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+        let chunked =
+            ws::header_value(h, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
         let len = ws::header_value(h, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse::<usize>().ok());
@@ -621,8 +633,13 @@ pub fn run(o: Opts) -> i32 {
 async fn run_async(o: Opts) -> i32 {
     let o = Rc::new(o);
     let topics = o.topics.max(1);
-    if !wait_listening(o.ws, secs(o.ready_timeout)).await || !wait_listening(o.admin, secs(o.ready_timeout)).await {
-        eprintln!("server not listening on {} / {} within {} s", o.ws, o.admin, o.ready_timeout);
+    if !wait_listening(o.ws, secs(o.ready_timeout)).await
+        || !wait_listening(o.admin, secs(o.ready_timeout)).await
+    {
+        eprintln!(
+            "server not listening on {} / {} within {} s",
+            o.ws, o.admin, o.ready_timeout
+        );
         return 4;
     }
     let fast = o.rate <= 0.0;
@@ -693,7 +710,12 @@ async fn run_async(o: Opts) -> i32 {
         // Generous slack for a server that falls behind, still bounded.
         (interval, requests, requests as f64 * interval * 1.5 + 5.0)
     };
-    let plan = Rc::new(Plan { t0, deadline: t0 + secs(window), interval, requests });
+    let plan = Rc::new(Plan {
+        t0,
+        deadline: t0 + secs(window),
+        interval,
+        requests,
+    });
     if o.events > 0 {
         let handles: Vec<_> = (0..o.publishers.max(1))
             .map(|p| tokio::task::spawn_local(publisher(Rc::clone(&sh), Rc::clone(&o), p, Rc::clone(&plan))))
@@ -704,7 +726,9 @@ async fn run_async(o: Opts) -> i32 {
     }
     let pub_s = t0.elapsed().as_secs_f64();
     let published: u64 = sh.published.iter().map(Cell::get).sum();
-    let expected: u64 = (0..topics).map(|t| sh.published[t].get() * sh.subs[t].get()).sum();
+    let expected: u64 = (0..topics)
+        .map(|t| sh.published[t].get() * sh.subs[t].get())
+        .sum();
 
     // Drain: wait until every expected event arrived, bounded.
     let drain_deadline = Instant::now() + secs(o.drain);
@@ -743,15 +767,30 @@ async fn run_async(o: Opts) -> i32 {
         ),
         _ => (f64::NAN, f64::NAN),
     };
-    let per = |s: f64, n: u64| if n > 0 { round(s * 1e9 / n as f64, 1) } else { f64::NAN };
+    let per = |s: f64, n: u64| {
+        if n > 0 {
+            round(s * 1e9 / n as f64, 1)
+        } else {
+            f64::NAN
+        }
+    };
     let gen_cpu = (gen1.0 + gen1.1 - gen0.0 - gen0.1) as f64 / 1e9;
     // Everything else the machine did meanwhile (other processes, the kernel's own threads), in %
     // of one CPU: a busy neighbour makes throughput and latency figures unreliable.
     let (other_cpu_pct, steal_pct) = match (mach0, mach1) {
         (Some(a), Some(b)) => {
             let busy = (b.0 - a.0) as f64 / ticks as f64;
-            let other = busy - gen_cpu - if srv_user_s.is_finite() { srv_user_s + srv_sys_s } else { 0.0 };
-            (round(other.max(0.0) / wall * 100.0, 1), round((b.1 - a.1) as f64 / ticks as f64 / wall * 100.0, 1))
+            let other = busy
+                - gen_cpu
+                - if srv_user_s.is_finite() {
+                    srv_user_s + srv_sys_s
+                } else {
+                    0.0
+                };
+            (
+                round(other.max(0.0) / wall * 100.0, 1),
+                round((b.1 - a.1) as f64 / ticks as f64 / wall * 100.0, 1),
+            )
         }
         _ => (f64::NAN, f64::NAN),
     };

@@ -35,7 +35,9 @@ impl Args {
         let mut m = HashMap::new();
         let mut it = items.iter();
         while let Some(k) = it.next() {
-            let key = k.strip_prefix("--").ok_or_else(|| format!("unexpected argument {k}"))?;
+            let key = k
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument {k}"))?;
             let v = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
             m.insert(key.to_owned(), v.clone());
         }
@@ -86,7 +88,11 @@ fn run_cmd(rest: &[String]) -> Result<i32, String> {
     for (k, addr) in [("ws", o.ws), ("admin", o.admin)] {
         match addr.ip() {
             std::net::IpAddr::V4(ip) if ip.is_loopback() => {}
-            ip => return Err(format!("--{k} {ip}: this harness only sends traffic to 127.0.0.0/8")),
+            ip => {
+                return Err(format!(
+                    "--{k} {ip}: this harness only sends traffic to 127.0.0.0/8"
+                ))
+            }
         }
     }
     if o.topics == 0 {
@@ -95,7 +101,10 @@ fn run_cmd(rest: &[String]) -> Result<i32, String> {
     let limit = ws::raise_nofile();
     let need = o.conns as u64 + o.publishers as u64 + 64;
     if need >= limit {
-        return Err(format!("{} connections need about {need} file descriptors; the limit is {limit}", o.conns));
+        return Err(format!(
+            "{} connections need about {need} file descriptors; the limit is {limit}",
+            o.conns
+        ));
     }
     Ok(gen::run(o))
 }
@@ -124,14 +133,19 @@ fn main() -> ExitCode {
             Ok(0)
         })(),
         "free-ports" => (|| {
-            let n: usize = rest.first().and_then(|v| v.parse().ok()).ok_or("free-ports needs a count")?;
+            let n: usize = rest
+                .first()
+                .and_then(|v| v.parse().ok())
+                .ok_or("free-ports needs a count")?;
             // Bound together so that they differ; released at once (a small race we accept).
             let ls: Vec<std::net::TcpListener> = (0..n)
                 .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
                 .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?;
-            let ports: Vec<String> =
-                ls.iter().map(|l| l.local_addr().map(|a| a.port().to_string()).unwrap_or_default()).collect();
+            let ports: Vec<String> = ls
+                .iter()
+                .map(|l| l.local_addr().map(|a| a.port().to_string()).unwrap_or_default())
+                .collect();
             println!("{}", ports.join(" "));
             Ok(0)
         })(),

@@ -15,7 +15,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 fn fmt(v: Option<f64>) -> String {
@@ -56,12 +60,26 @@ struct Figure {
 }
 
 fn figures(scenario: &str) -> Vec<Figure> {
-    let f = |key, name, check| Figure { key, name, worst: false, check };
-    let ratio = Figure { key: "ratio", name: "delivered / expected (worst run)", worst: true, check: Check::AllOne };
+    let f = |key, name, check| Figure {
+        key,
+        name,
+        worst: false,
+        check,
+    };
+    let ratio = Figure {
+        key: "ratio",
+        name: "delivered / expected (worst run)",
+        worst: true,
+        check: Check::AllOne,
+    };
     let delivery = matches!(scenario, "b" | "c");
     let mut v = match scenario {
         "a" => vec![
-            f("rss_per_conn_b", "RSS per idle subscribed connection (bytes)", Check::Abs(3072.0, "≤ 3 KiB")),
+            f(
+                "rss_per_conn_b",
+                "RSS per idle subscribed connection (bytes)",
+                Check::Abs(3072.0, "≤ 3 KiB"),
+            ),
             f("connect_s", "time to connect + subscribe all (s)", Check::None),
         ],
         "e" => vec![
@@ -89,24 +107,41 @@ fn figures(scenario: &str) -> Vec<Figure> {
             f(
                 "user_ns_per_delivery",
                 "  user (ns)",
-                if delivery { Check::Abs(1000.0, "≤ 1000 ns") } else { Check::None },
+                if delivery {
+                    Check::Abs(1000.0, "≤ 1000 ns")
+                } else {
+                    Check::None
+                },
             ),
             f("sys_ns_per_delivery", "  system (ns)", Check::None),
             f(
                 "lat_p50_us",
                 "publish→receive p50 (µs)",
-                if scenario == "b" { Check::VsFloor(1.2, "≤ 1.2 × floor") } else { Check::None },
+                if scenario == "b" {
+                    Check::VsFloor(1.2, "≤ 1.2 × floor")
+                } else {
+                    Check::None
+                },
             ),
             f("lat_p99_us", "p99 (µs)", Check::None),
             f("lat_p999_us", "p99.9 (µs)", Check::None),
             f("lat_max_us", "max (µs)", Check::None),
             f("srv_cpu_pct", "server CPU %", Check::None),
-            f("gen_cpu_pct", "generator CPU % (≈100: generator-bound)", Check::None),
+            f(
+                "gen_cpu_pct",
+                "generator CPU % (≈100: generator-bound)",
+                Check::None,
+            ),
             f("other_cpu_pct", "other processes' CPU % (noise)", Check::None),
         ],
     };
     if scenario == "a" {
-        v.push(Figure { key: "ratio", name: "connections subscribed / asked (worst run)", worst: true, check: Check::AllOne });
+        v.push(Figure {
+            key: "ratio",
+            name: "connections subscribed / asked (worst run)",
+            worst: true,
+            check: Check::AllOne,
+        });
     }
     v
 }
@@ -116,7 +151,11 @@ fn describe(scenario: &str, r: &Value) -> String {
     let topics = r["topics"].as_u64().unwrap_or(0);
     let rate = r["rate"].as_f64().unwrap_or(0.0);
     let batch = r["batch"].as_u64().unwrap_or(1);
-    let rate_s = if rate > 0.0 { format!("{rate:.0} events/s") } else { "as fast as possible".to_owned() };
+    let rate_s = if rate > 0.0 {
+        format!("{rate:.0} events/s")
+    } else {
+        "as fast as possible".to_owned()
+    };
     let what = match scenario {
         "a" => format!("{conns} idle subscribed connections"),
         "e" => format!("publish ingest, no subscribers, {topics} topics, {rate_s}"),
@@ -130,7 +169,9 @@ pub fn report(text: &str) -> String {
     let mut by: BTreeMap<String, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
         let s = v["scenario"].as_str().unwrap_or("?").to_owned();
         let t = v["target"].as_str().unwrap_or("?").to_owned();
         if !order.contains(&s) {
@@ -139,14 +180,20 @@ pub fn report(text: &str) -> String {
         by.entry(s).or_default().entry(t).or_default().push(v);
     }
     let mut out = String::new();
-    out.push_str("| scenario | figure | wsgate | floor | nchan | wsgate/floor | wsgate/nchan | target | verdict |\n");
+    out.push_str(
+        "| scenario | figure | wsgate | floor | nchan | wsgate/floor | wsgate/nchan | target | verdict |\n",
+    );
     out.push_str("|---|---|---:|---:|---:|---:|---:|---|---|\n");
     let mut misses = Vec::new();
     for s in &order {
         let runs = &by[s];
-        let Some(any) = runs.values().flatten().next() else { continue };
-        let counts: Vec<String> =
-            TARGETS.iter().filter_map(|t| runs.get(*t).map(|r| format!("{t} ×{}", r.len()))).collect();
+        let Some(any) = runs.values().flatten().next() else {
+            continue;
+        };
+        let counts: Vec<String> = TARGETS
+            .iter()
+            .filter_map(|t| runs.get(*t).map(|r| format!("{t} ×{}", r.len())))
+            .collect();
         let title = format!("{} — runs: {}", describe(s, any), counts.join(", "));
         for (i, fig) in figures(s).iter().enumerate() {
             let val = |t: &str| -> Option<f64> {
@@ -177,14 +224,23 @@ pub fn report(text: &str) -> String {
                 Check::VsNchan(max, label) => (label.to_string(), verdict(rn.map(|x| x <= *max))),
                 Check::AllOne => {
                     let present: Vec<f64> = [w, fl, nc].into_iter().flatten().collect();
-                    ("1.0 in every run".to_owned(), verdict((!present.is_empty()).then(|| present.iter().all(|&x| x == 1.0))))
+                    (
+                        "1.0 in every run".to_owned(),
+                        verdict((!present.is_empty()).then(|| present.iter().all(|&x| x == 1.0))),
+                    )
                 }
             };
             if verdict.starts_with("MISSED") {
                 misses.push(format!("({s}) {}", fig.name.trim()));
             }
             let ratio_s = |r: Option<f64>| r.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".to_owned());
-            let fmt_v = |x: Option<f64>| if fig.worst { x.map(|v| format!("{v:.6}")).unwrap_or_else(|| "–".into()) } else { fmt(x) };
+            let fmt_v = |x: Option<f64>| {
+                if fig.worst {
+                    x.map(|v| format!("{v:.6}")).unwrap_or_else(|| "–".into())
+                } else {
+                    fmt(x)
+                }
+            };
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 if i == 0 { title.as_str() } else { "" },

@@ -36,7 +36,11 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(cap: usize) -> Reader {
-        Reader { buf: vec![0; cap], start: 0, end: 0 }
+        Reader {
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+        }
     }
 
     /// The bytes read and not consumed yet.
@@ -139,7 +143,12 @@ impl Reader {
             }
         }
         self.start = start + plen;
-        Ok(Some(Frame { fin: b0 & 0x80 != 0, op: b0 & 0x0f, start, len: plen }))
+        Ok(Some(Frame {
+            fin: b0 & 0x80 != 0,
+            op: b0 & 0x0f,
+            start,
+            len: plen,
+        }))
     }
 }
 
@@ -224,7 +233,10 @@ pub fn field_u64(p: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// RFC 3339 UTC with milliseconds, like wsgate's event timestamps.
@@ -267,7 +279,11 @@ pub fn cpu_ticks(pid: u32) -> io::Result<(u64, u64)> {
     let rest = &s[s.rfind(')').ok_or_else(|| io::Error::other("bad stat"))? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); utime is field 14, stime field 15.
-    let parse = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| io::Error::other("bad stat"));
+    let parse = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| io::Error::other("bad stat"))
+    };
     Ok((parse(11)?, parse(12)?))
 }
 
@@ -275,8 +291,15 @@ pub fn cpu_ticks(pid: u32) -> io::Result<(u64, u64)> {
 /// system + irq + softirq (guest time is inside user).
 pub fn machine_ticks() -> io::Result<(u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat")?;
-    let line = s.lines().next().ok_or_else(|| io::Error::other("empty /proc/stat"))?;
-    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let line = s
+        .lines()
+        .next()
+        .ok_or_else(|| io::Error::other("empty /proc/stat"))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     if f.len() < 8 {
         return Err(io::Error::other("short /proc/stat"));
     }
@@ -327,7 +350,10 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_example() {
-        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
