@@ -402,3 +402,46 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
         .unwrap();
     assert!(errors > 0, "{text}");
 }
+
+/// Every connection's socket is closed when it ends, whichever way (the descriptor now lives
+/// with the connection's shared state, so a lingering reference would keep it open).
+#[tokio::test]
+async fn closed_connections_give_their_descriptors_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[limits]\nmax_total_connections = 100\nmax_connections_per_ip = 100\n",
+    );
+    let p = Proc::start(&path, None).await;
+    let fd_dir = format!("/proc/{}/fd", p.child.id());
+    let fds = || std::fs::read_dir(&fd_dir).unwrap().count();
+    let baseline = fds();
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        let (mut ws, _) = p.client().await;
+        send(&mut ws, r#"{"type":"subscribe","events":["t"]}"#).await;
+        assert_eq!(recv_json(&mut ws).await["type"], "subscription_confirmed");
+        clients.push(ws);
+    }
+    assert!(
+        fds() >= baseline + 60,
+        "{} descriptors for 60 connections",
+        fds() - baseline
+    );
+    for (i, mut ws) in clients.into_iter().enumerate() {
+        if i % 3 == 0 {
+            drop(ws); // aborted: no close frame
+        } else {
+            ws.close(None).await.unwrap();
+        }
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while fds() > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors still open after every client left",
+            fds() - baseline
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
