@@ -5,9 +5,12 @@
 //! subscriber's queue in the same order (and a future per-topic sequence number and history will
 //! be assigned right here, ordered against resumes by the same lock).
 //!
-//! The lock is a `std::sync::Mutex`: nothing under it awaits. Fan-out is `try_send` of a
-//! refcounted clone of bytes encoded once; a subscriber whose queue is full is kicked as a slow
-//! consumer, never waited for. Sharding keeps publishes to different topics from contending.
+//! The lock is a `std::sync::Mutex`: nothing under it awaits. Fan-out hands each subscriber's
+//! outbox the same bytes, encoded once: one non-blocking `send(2)` to an idle socket, or a
+//! refcounted clone queued behind a backlog (see `outbox.rs`); a subscriber whose queue is full is
+//! kicked as a slow consumer, never waited for. The lock is held across those non-blocking writes
+//! on purpose: it is what orders two publishes to one topic alike for every subscriber. Sharding
+//! keeps publishes to different topics from contending.
 //!
 //! Whatever produces events (the local publish endpoint today, a broker subscription tomorrow)
 //! calls `Hub::publish`; connections only ever see their queue, so the source can change without
