@@ -6,6 +6,7 @@
 #   bench/compare.sh                        # all scenarios, all three servers, RUNS=3
 #   SMOKE=1 bench/compare.sh                # CI: 50 connections, 20 events, wsgate only; exit 1 unless all arrived
 #   PROFILE=1 bench/compare.sh              # perf profile of wsgate under scenario (c) (PROFILE_SCENARIO), not counted
+#                                           # (PROFILE_TARGET [wsgate] or floor, PERF_FREQ [999] Hz, PROFILE_SECS [8])
 #   SCENARIOS="b c" TARGETS="wsgate floor" RUNS=5 bench/compare.sh
 #
 # Scenarios (sizes overridable, defaults in brackets):
@@ -56,7 +57,7 @@ LOG=$RUN_DIR/bench.log
 if [ "$SMOKE" = 1 ]; then
   TARGETS=wsgate SCENARIOS=smoke RUNS=1 QUIET_WAIT=0
 elif [ "$PROFILE" = 1 ]; then
-  TARGETS=wsgate SCENARIOS=${PROFILE_SCENARIO:-c} RUNS=1 RESULTS=$RUN_DIR/profile-results.jsonl
+  TARGETS=${PROFILE_TARGET:-wsgate} SCENARIOS=${PROFILE_SCENARIO:-c} RUNS=1 RESULTS=$RUN_DIR/profile-results.jsonl
 fi
 
 say() { echo "compare.sh: $*" | tee -a "$LOG" >&2; }
@@ -226,7 +227,7 @@ for run in $(seq "$RUNS"); do
       PERF_PID=""
       if [ "$PROFILE" = 1 ]; then
         # Attach once the connections are up (the profile is of the publish phase).
-        (sleep "${PROFILE_DELAY:-4}"; exec perf record -e cpu-clock -F 999 ${PERF_CALLGRAPH:--g} -p "$MEASURE_PID" -o "$RUN_DIR/perf.data" -- sleep "$PROFILE_SECS") >>"$LOG" 2>&1 &
+        (sleep "${PROFILE_DELAY:-4}"; exec perf record -e cpu-clock -F ${PERF_FREQ:-999} ${PERF_CALLGRAPH:--g} -p "$MEASURE_PID" -o "$RUN_DIR/perf.data" -- sleep "$PROFILE_SECS") >>"$LOG" 2>&1 &
         PERF_PID=$!
       fi
       rc=0

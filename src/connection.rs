@@ -286,7 +286,7 @@ impl Conn {
     /// Sends one text reply to the client.
     fn reply(&self, text: &str) -> Result<(), Exit> {
         self.send_frame(&protocol::text_frame(text.as_bytes()))?;
-        self.shared.messages_sent.fetch_add(1, Relaxed);
+        self.shared.outbox.count_sent();
         Ok(())
     }
 
@@ -319,7 +319,7 @@ impl Conn {
                         return Ok(());
                     }
                     self.send_frame(&protocol::binary_frame(&data))?;
-                    self.shared.messages_sent.fetch_add(1, Relaxed);
+                    self.shared.outbox.count_sent();
                     Ok(())
                 }
             },

@@ -70,52 +70,70 @@ enum Kind {
     Control,
 }
 
+/// Laid out for the publisher's fast path: everything a delivery to an idle connection reads or
+/// writes (the descriptor, the lock word, the queue's byte count, the flags, the activity stamp
+/// and the sent counter) sits in the first ~90 bytes, so it costs about two cache lines and one
+/// page walk per subscriber. `ConnShared` puts the outbox first for the same reason. Measured in
+/// scenario (b), where every subscriber's memory is cold by the next event on its topic:
+/// BENCHMARKS.md, "hot fields first".
+#[repr(C)]
 pub struct Outbox {
-    state: Mutex<State>,
     /// The connection's socket, kept here rather than behind its own `Arc`: the publisher's
-    /// direct write then reads the descriptor next to the lock it has just taken, instead of
-    /// chasing one more pointer per subscriber into memory gone cold since the last publish (in
-    /// a profile of scenario (b) that one load was about a sixth of wsgate's user time, and
-    /// moving it here cut user CPU per delivery by 0.3 µs; BENCHMARKS.md). Set once, when the
+    /// direct write reads the descriptor next to the lock it takes, instead of chasing one more
+    /// pointer per subscriber into memory gone cold since the last publish. Set once, when the
     /// upgrade is done; writes happen only under the lock, reads (tungstenite's, through
     /// `SharedSocket`) need none.
     socket: OnceLock<TcpStream>,
+    /// `std`'s `Mutex` keeps its lock word in front of the data, so the lock and the hot head
+    /// of `State` share the socket's cache lines (a unit test checks the layout).
+    state: Mutex<State>,
     max_messages: usize,
     max_bytes: usize,
 }
 
+/// Hot fields first (see `Outbox`), the queue and the waker (slow path only) after them.
+#[repr(C)]
 struct State {
-    queue: VecDeque<Bytes>,
+    /// Bytes queued; 0 exactly when the queue is empty (frames are never empty).
     bytes: usize,
+    /// Messages handed to this connection (events and replies), for `/status`.
+    sent: u64,
+    /// The last application message in either direction, in `clock_ms` (see `registry.rs`).
+    last_activity_ms: u64,
     /// The front entry is the rest of a frame already partly on the wire.
     front_partial: bool,
     closed: bool,
     /// A write failed: the connection is gone.
     failed: bool,
-    /// No more events: a close frame (or the shutdown goodbye) is queued, and RFC 6455 allows
-    /// nothing after a close frame. Set under the same lock the close frame is queued under, so
-    /// a publisher racing the close cannot slip an event in behind it.
+    /// No more events: a close frame (or the shutdown goodbye) is queued, or the connection was
+    /// told to close, and RFC 6455 allows nothing after a close frame. Set under the same lock
+    /// the close frame is queued under, so a publisher racing the close cannot slip an event in
+    /// behind it.
     events_refused: bool,
     /// A batch queued frames here and will call `flush_now` (see `Push::Batched`).
     flush_owed: bool,
+    queue: VecDeque<Bytes>,
     /// The connection task, waiting for frames to drain.
     waker: Option<Waker>,
 }
 
 impl Outbox {
-    pub fn new(max_messages: usize, max_bytes: usize) -> Outbox {
+    /// An outbox whose activity stamp starts at `now_ms` (see `registry::clock_ms`).
+    pub fn new(max_messages: usize, max_bytes: usize, now_ms: u64) -> Outbox {
         Outbox {
+            socket: OnceLock::new(),
             state: Mutex::new(State {
-                queue: VecDeque::new(),
                 bytes: 0,
+                sent: 0,
+                last_activity_ms: now_ms,
                 front_partial: false,
                 closed: false,
                 failed: false,
                 events_refused: false,
                 flush_owed: false,
+                queue: VecDeque::new(),
                 waker: None,
             }),
-            socket: OnceLock::new(),
             max_messages: max_messages.max(1),
             max_bytes,
         }
@@ -132,6 +150,14 @@ impl Outbox {
         debug_assert!(attached, "a connection has one socket");
     }
 
+    /// Reads the head of the outbox and discards it: brings the fast path's cache lines in
+    /// (see `Hub::fan_out`, which warms several subscribers at once so their misses overlap).
+    /// A plain load rather than a prefetch instruction: no `unsafe`, and the out-of-order core
+    /// overlaps a run of independent loads just as well.
+    pub fn warm(&self) {
+        std::hint::black_box(self.socket.get().is_some());
+    }
+
     /// The socket, once attached.
     pub fn socket(&self) -> Option<&TcpStream> {
         self.socket.get()
@@ -139,21 +165,43 @@ impl Outbox {
 
     /// Offers an event frame: written at once when nothing is queued and the socket takes it,
     /// queued otherwise, refused when the queue is at its bounds. Never waits.
-    pub fn push(&self, frame: &Bytes) -> Push {
-        self.offer(frame, Kind::Event)
+    /// An event counts as a message sent and as activity at `now_ms` (the publish time).
+    pub fn push(&self, frame: &Bytes, now_ms: u64) -> Push {
+        self.offer(frame, Kind::Event, now_ms)
     }
 
     /// Queues an event frame without writing it: a batch publish queues all of its events
     /// first, then calls `flush_now` for every connection that answered `Push::Batched`, so
     /// each subscriber gets the whole batch in one `writev` instead of one `write` per event.
-    pub fn push_deferred(&self, frame: &Bytes) -> Push {
-        self.offer(frame, Kind::Deferred)
+    pub fn push_deferred(&self, frame: &Bytes, now_ms: u64) -> Push {
+        self.offer(frame, Kind::Deferred, now_ms)
     }
 
     /// Offers a control frame or reply (more slack than events; see `CONTROL_SLACK_BYTES`).
     /// A close frame among them ends the events: none is accepted after it.
     pub fn push_control(&self, frame: &Bytes) -> Push {
-        self.offer(frame, Kind::Control)
+        self.offer(frame, Kind::Control, 0)
+    }
+
+    /// Counts a reply as a message sent (events count themselves).
+    pub fn count_sent(&self) {
+        self.lock().sent += 1;
+    }
+
+    /// Messages handed to this connection.
+    pub fn sent(&self) -> u64 {
+        self.lock().sent
+    }
+
+    /// Records application activity at `now_ms`.
+    pub fn touch(&self, now_ms: u64) {
+        let mut st = self.lock();
+        st.last_activity_ms = st.last_activity_ms.max(now_ms);
+    }
+
+    /// The last application activity, in `clock_ms`.
+    pub fn last_activity_ms(&self) -> u64 {
+        self.lock().last_activity_ms
     }
 
     /// Refuses events from now on; control frames still pass (the shutdown goodbye and the
@@ -180,17 +228,34 @@ impl Outbox {
         }
     }
 
-    fn offer(&self, frame: &Bytes, kind: Kind) -> Push {
+    fn offer(&self, frame: &Bytes, kind: Kind, now_ms: u64) -> Push {
         debug_assert!(!frame.is_empty(), "an empty frame would read as a failed write");
         let mut st = self.lock();
+        let (outcome, wake) = self.offer_locked(&mut st, frame, kind);
+        if kind != Kind::Control && outcome.delivered() {
+            st.sent += 1;
+            st.last_activity_ms = st.last_activity_ms.max(now_ms);
+        }
+        let waker = if wake { st.waker.take() } else { None };
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        outcome
+    }
+
+    /// `offer` under the lock: what became of the frame, and whether the connection task must
+    /// be woken (to wait for writability, drain, or notice a failure).
+    fn offer_locked(&self, st: &mut State, frame: &Bytes, kind: Kind) -> (Push, bool) {
         if st.closed || st.failed || (kind != Kind::Control && st.events_refused) {
-            return Push::Closed;
+            return (Push::Closed, false);
         }
         if kind == Kind::Control && crate::protocol::holds_close_frame(frame) {
             st.events_refused = true;
         }
         let len = frame.len();
-        if st.queue.is_empty() && kind != Kind::Deferred {
+        // `bytes` rather than `queue.is_empty()`: it is on the hot cache line, the queue is not.
+        if st.bytes == 0 && kind != Kind::Deferred {
             if let Some(socket) = self.socket.get() {
                 // A plain `send(2)` on the borrowed descriptor rather than tokio's `try_write`:
                 // this path never waits, so tokio's readiness bookkeeping (one more cache line
@@ -199,31 +264,25 @@ impl Outbox {
                 // goes through tokio, which then learns the socket is full and registers for
                 // writability (a stale "writable" costs it one extra `EAGAIN`, never a hang).
                 // SIGPIPE needs no flag: Rust ignores it in every binary, as tokio relies on too.
-                let outcome = match SockRef::from(socket).send(frame) {
-                    Ok(n) if n == len => return Push::Written,
+                // Anything but a whole write hands over to the connection task.
+                return match SockRef::from(socket).send(frame) {
+                    Ok(n) if n == len => (Push::Written, false),
                     Ok(n) => {
                         st.queue.push_back(frame.slice(n..));
                         st.front_partial = n > 0;
                         st.bytes += len - n;
-                        Push::Queued
+                        (Push::Queued, true)
                     }
                     Err(e) if retryable(&e) => {
                         st.queue.push_back(frame.clone());
                         st.bytes += len;
-                        Push::Queued
+                        (Push::Queued, true)
                     }
                     Err(_) => {
                         st.failed = true;
-                        Push::Closed
+                        (Push::Closed, true)
                     }
                 };
-                // The connection task takes over: wait for writability, or notice the failure.
-                let waker = st.waker.take();
-                drop(st);
-                if let Some(w) = waker {
-                    w.wake();
-                }
-                return outcome;
             }
         }
         let (max_messages, max_bytes) = match kind {
@@ -236,39 +295,27 @@ impl Outbox {
         let over = |st: &State| st.queue.len() >= max_messages || st.bytes + len > max_bytes;
         // One frame larger than the whole budget still goes through on an empty queue (the
         // publish body cap bounds it).
-        if !st.queue.is_empty() && over(&st) {
+        if !st.queue.is_empty() && over(st) {
             // A batch larger than the queue is not a slow consumer: write out what the socket
             // takes, and judge the client by what it cannot.
             if kind == Kind::Deferred {
                 st.write_queued(self.socket.get());
             }
             if st.failed {
-                return Push::Closed;
+                return (Push::Closed, false);
             }
-            if !st.queue.is_empty() && over(&st) {
-                return Push::Full;
+            if !st.queue.is_empty() && over(st) {
+                return (Push::Full, false);
             }
         }
         st.queue.push_back(frame.clone());
         st.bytes += len;
         if kind == Kind::Deferred {
             // `flush_now` follows, and wakes the task if it must.
-            return if std::mem::replace(&mut st.flush_owed, true) {
-                Push::Queued
-            } else {
-                Push::Batched
-            };
+            let owed = std::mem::replace(&mut st.flush_owed, true);
+            return (if owed { Push::Queued } else { Push::Batched }, false);
         }
-        let waker = if st.queue.len() == 1 {
-            st.waker.take()
-        } else {
-            None
-        };
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Push::Queued
+        (Push::Queued, st.queue.len() == 1)
     }
 
     /// Writes queued frames until the queue is empty (`Ready(Ok)`), the socket is full
@@ -502,30 +549,48 @@ mod tests {
 
     #[test]
     fn bounds_messages_and_bytes_without_a_socket() {
-        let o = Outbox::new(3, 100);
-        assert_eq!(o.push(&frame(10)), Push::Queued);
-        assert_eq!(o.push(&frame(10)), Push::Queued);
-        assert_eq!(o.push(&frame(10)), Push::Queued);
-        assert_eq!(o.push(&frame(1)), Push::Full);
+        let o = Outbox::new(3, 100, 0);
+        assert_eq!(o.push(&frame(10), 0), Push::Queued);
+        assert_eq!(o.push(&frame(10), 0), Push::Queued);
+        assert_eq!(o.push(&frame(10), 0), Push::Queued);
+        assert_eq!(o.push(&frame(1), 0), Push::Full);
         // Control frames get some slack beyond the event bounds.
         assert_eq!(o.push_control(&frame(10)), Push::Queued);
-        let o = Outbox::new(100, 100);
-        assert_eq!(o.push(&frame(60)), Push::Queued);
-        assert_eq!(o.push(&frame(60)), Push::Full);
-        assert_eq!(o.push(&frame(40)), Push::Queued);
+        let o = Outbox::new(100, 100, 0);
+        assert_eq!(o.push(&frame(60), 0), Push::Queued);
+        assert_eq!(o.push(&frame(60), 0), Push::Full);
+        assert_eq!(o.push(&frame(40), 0), Push::Queued);
         // One oversized frame alone is accepted; behind another it is not.
-        let o = Outbox::new(100, 100);
-        assert_eq!(o.push(&frame(500)), Push::Queued);
-        assert_eq!(o.push(&frame(1)), Push::Full);
+        let o = Outbox::new(100, 100, 0);
+        assert_eq!(o.push(&frame(500), 0), Push::Queued);
+        assert_eq!(o.push(&frame(1), 0), Push::Full);
+    }
+
+    /// The fast path's fields (socket, lock word, hot head of `State`) stay within the first
+    /// 96 bytes: two cache lines at most, wherever the allocator puts the connection. A change
+    /// in `std`'s `Mutex` or `OnceLock` layout that broke this would cost performance, not
+    /// correctness; this test says so instead of a benchmark weeks later.
+    #[test]
+    fn the_fast_path_fields_are_packed_at_the_front() {
+        use std::mem::offset_of;
+        let o = Outbox::new(1, 1, 0);
+        let outbox_at = &o as *const Outbox as usize;
+        let guard = o.lock();
+        let state_at = &*guard as *const State as usize - outbox_at;
+        let hot_end = state_at + offset_of!(State, flush_owed) + 1;
+        assert!(offset_of!(Outbox, socket) == 0, "the socket comes first");
+        assert!(hot_end <= 96, "hot fields end at byte {hot_end}");
+        assert!(offset_of!(State, queue) > offset_of!(State, flush_owed));
+        assert_eq!(offset_of!(crate::registry::ConnShared, outbox), 0);
     }
 
     #[test]
     fn closed_refuses_and_frees() {
-        let o = Outbox::new(10, 1000);
-        o.push(&frame(10));
+        let o = Outbox::new(10, 1000, 0);
+        o.push(&frame(10), 0);
         o.close();
         assert!(o.is_empty());
-        assert_eq!(o.push(&frame(10)), Push::Closed);
+        assert_eq!(o.push(&frame(10), 0), Push::Closed);
     }
 
     async fn socket_pair() -> (TcpStream, TcpStream) {
@@ -538,9 +603,9 @@ mod tests {
     #[tokio::test]
     async fn writes_directly_when_idle_and_queues_in_order_when_the_socket_is_full() {
         let (server, mut client) = socket_pair().await;
-        let o = Arc::new(Outbox::new(100_000, 1 << 30));
+        let o = Arc::new(Outbox::new(100_000, 1 << 30, 0));
         o.attach(server);
-        assert_eq!(o.push(&Bytes::from_static(b"hello")), Push::Written);
+        assert_eq!(o.push(&Bytes::from_static(b"hello"), 0), Push::Written);
         let mut buf = [0u8; 5];
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
@@ -550,7 +615,7 @@ mod tests {
         let mut i: u32 = 0;
         loop {
             let f = Bytes::from(format!("<{i:08}>").repeat(1000));
-            let r = o.push(&f);
+            let r = o.push(&f, 0);
             sent.push(f);
             i += 1;
             if r == Push::Queued {
@@ -560,7 +625,7 @@ mod tests {
         }
         for _ in 0..10 {
             let f = Bytes::from(format!("<{i:08}>").repeat(1000));
-            assert_eq!(o.push(&f), Push::Queued);
+            assert_eq!(o.push(&f, 0), Push::Queued);
             sent.push(f);
             i += 1;
         }
@@ -586,11 +651,11 @@ mod tests {
     #[tokio::test]
     async fn deferred_frames_go_out_together_on_flush_now() {
         let (server, mut client) = socket_pair().await;
-        let o = Outbox::new(100, 1 << 20);
+        let o = Outbox::new(100, 1 << 20, 0);
         o.attach(server);
         for i in 0..10u8 {
             let expected = if i == 0 { Push::Batched } else { Push::Queued };
-            assert_eq!(o.push_deferred(&Bytes::from(vec![b'a' + i; 3])), expected);
+            assert_eq!(o.push_deferred(&Bytes::from(vec![b'a' + i; 3]), 0), expected);
         }
         assert_eq!(o.len(), 10, "nothing is written before the flush");
         o.flush_now();
@@ -603,11 +668,11 @@ mod tests {
 
     #[test]
     fn a_batch_owes_each_connection_one_flush() {
-        let o = Outbox::new(100, 1 << 20);
-        assert_eq!(o.push_deferred(&frame(3)), Push::Batched);
-        assert_eq!(o.push_deferred(&frame(3)), Push::Queued);
+        let o = Outbox::new(100, 1 << 20, 0);
+        assert_eq!(o.push_deferred(&frame(3), 0), Push::Batched);
+        assert_eq!(o.push_deferred(&frame(3), 0), Push::Queued);
         o.flush_now();
-        assert_eq!(o.push_deferred(&frame(3)), Push::Batched);
+        assert_eq!(o.push_deferred(&frame(3), 0), Push::Batched);
     }
 
     /// Publishers on other threads race the connection queueing its close frame: whatever
@@ -624,7 +689,7 @@ mod tests {
             .unwrap();
         for round in 0..100 {
             let (server, client) = rt.block_on(socket_pair());
-            let o = Arc::new(Outbox::new(1 << 20, 1 << 30));
+            let o = Arc::new(Outbox::new(1 << 20, 1 << 30, 0));
             o.attach(server);
             let stop = Arc::new(AtomicBool::new(false));
             let pushes = Arc::new(AtomicUsize::new(0));
@@ -633,7 +698,7 @@ mod tests {
                     let (o, stop, pushes) = (Arc::clone(&o), Arc::clone(&stop), Arc::clone(&pushes));
                     std::thread::spawn(move || {
                         while !stop.load(Relaxed) {
-                            let r = o.push(&Bytes::from_static(EVENT));
+                            let r = o.push(&Bytes::from_static(EVENT), 0);
                             pushes.fetch_add(1, Relaxed);
                             if r == Push::Closed {
                                 break;
@@ -677,9 +742,9 @@ mod tests {
 
     #[tokio::test]
     async fn discard_keeps_a_partly_written_frame() {
-        let o = Outbox::new(10, 1000);
-        o.push(&frame(10));
-        o.push(&frame(20));
+        let o = Outbox::new(10, 1000, 0);
+        o.push(&frame(10), 0);
+        o.push(&frame(20), 0);
         {
             let mut st = o.lock();
             st.consume(4);
@@ -688,8 +753,8 @@ mod tests {
         let left = o.take_all();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].len(), 6, "the rest of the partly written frame stays");
-        let o = Outbox::new(10, 1000);
-        o.push(&frame(10));
+        let o = Outbox::new(10, 1000, 0);
+        o.push(&frame(10), 0);
         o.discard_unsent();
         assert!(o.is_empty());
     }

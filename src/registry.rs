@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -19,18 +19,33 @@ use crate::outbox::{Outbox, Push};
 use crate::protocol::rfc3339;
 use crate::topic::TopicName;
 
+/// Milliseconds since the process's clock epoch: the activity stamps' unit. One epoch for every
+/// connection, so a publish computes the stamp once for all its subscribers and a delivery
+/// stores it without reading anything else of the connection's.
+pub fn clock_ms(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*EPOCH).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The instant `clock_ms` counts from.
+fn clock_instant(ms: u64) -> Instant {
+    *EPOCH + std::time::Duration::from_millis(ms)
+}
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
 /// One connection as seen from outside its task.
+///
+/// `repr(C)` with the outbox first: a delivery touches only the outbox's head (see `Outbox`),
+/// which then starts 16 bytes into the allocation, right behind the `Arc` counts.
+#[repr(C)]
 pub struct ConnShared {
+    /// Pre-framed events and replies, the socket, and the sent/activity counters.
+    pub outbox: Outbox,
     pub id: u64,
     pub client_id: Box<str>,
     pub ip: IpAddr,
     pub connected_at: SystemTime,
     started: Instant,
-    /// Pre-framed events waiting for the connection task.
-    pub outbox: Outbox,
-    /// Milliseconds since `started` of the last application message in either direction.
-    last_activity_ms: AtomicU64,
-    pub messages_sent: AtomicU64,
     pub messages_received: AtomicU64,
     /// Topics subscribed to; bounded by the connection's `max_subscriptions`. The connection
     /// task is the only writer; the lock is never held across an `.await`.
@@ -49,15 +64,14 @@ impl ConnShared {
         queue_messages: usize,
         queue_bytes: usize,
     ) -> Arc<ConnShared> {
+        let started = Instant::now();
         Arc::new(ConnShared {
+            outbox: Outbox::new(queue_messages, queue_bytes, clock_ms(started)),
             id,
             client_id,
             ip,
             connected_at: SystemTime::now(),
-            started: Instant::now(),
-            outbox: Outbox::new(queue_messages, queue_bytes),
-            last_activity_ms: AtomicU64::new(0),
-            messages_sent: AtomicU64::new(0),
+            started,
             messages_received: AtomicU64::new(0),
             subscriptions: Mutex::new(Vec::new()),
             close_reason: AtomicU8::new(0),
@@ -68,21 +82,16 @@ impl ConnShared {
     /// Offers a pre-framed event without waiting: written at once when the socket is idle, or,
     /// when `deferred`, only queued (the caller then calls `outbox.flush_now()`).
     /// A full queue (by count or by bytes) marks the connection as a slow consumer: it is
-    /// closed rather than allowed to hold memory or slow the publisher. `now` is the publish
-    /// time, taken once for all subscribers.
-    pub fn try_deliver(&self, frame: &Bytes, now: Instant, deferred: bool) -> Push {
-        if self.close_reason.load(Relaxed) != 0 {
-            return Push::Closed;
-        }
+    /// closed rather than allowed to hold memory or slow the publisher. `now_ms` is the
+    /// publish time (`clock_ms`), taken once for all subscribers. A connection told to close
+    /// refuses events (`kick`), so nothing but the outbox is read here.
+    pub fn try_deliver(&self, frame: &Bytes, now_ms: u64, deferred: bool) -> Push {
         let r = if deferred {
-            self.outbox.push_deferred(frame)
+            self.outbox.push_deferred(frame, now_ms)
         } else {
-            self.outbox.push(frame)
+            self.outbox.push(frame, now_ms)
         };
-        if r.delivered() {
-            self.messages_sent.fetch_add(1, Relaxed);
-            self.touch(now);
-        } else if r == Push::Full {
+        if r == Push::Full {
             self.kick(CloseReason::SlowConsumer);
         }
         r
@@ -99,7 +108,7 @@ impl ConnShared {
 
     /// The last application activity in either direction.
     pub fn last_activity(&self) -> Instant {
-        self.started + std::time::Duration::from_millis(self.last_activity_ms.load(Relaxed))
+        clock_instant(self.outbox.last_activity_ms())
     }
 
     /// Events waiting in the queue.
@@ -107,13 +116,15 @@ impl ConnShared {
         self.outbox.len()
     }
 
-    /// Asks the connection to close for `reason`. The first reason wins.
+    /// Asks the connection to close for `reason`. The first reason wins. No event is
+    /// delivered after this (what is queued still goes out before the close frame).
     pub fn kick(&self, reason: CloseReason) {
         if self
             .close_reason
             .compare_exchange(0, reason as u8, Relaxed, Relaxed)
             .is_ok()
         {
+            self.outbox.refuse_events();
             self.kick.notify_one();
         }
     }
@@ -139,14 +150,12 @@ impl ConnShared {
     }
 
     pub fn touch(&self, now: Instant) {
-        let ms = now.saturating_duration_since(self.started).as_millis();
-        self.last_activity_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+        self.outbox.touch(clock_ms(now));
     }
 
     pub fn idle_seconds(&self) -> f64 {
-        let now_ms = self.started.elapsed().as_millis() as f64;
-        ((now_ms - self.last_activity_ms.load(Relaxed) as f64) / 1000.0).max(0.0)
+        let idle_ms = clock_ms(Instant::now()).saturating_sub(self.outbox.last_activity_ms());
+        idle_ms as f64 / 1000.0
     }
 
     fn lock_subscriptions(&self) -> MutexGuard<'_, Vec<TopicName>> {
@@ -193,7 +202,7 @@ impl ConnShared {
             "connected_at": rfc3339(self.connected_at),
             "age_seconds": self.started.elapsed().as_secs_f64(),
             "idle_time_seconds": self.idle_seconds(),
-            "messages_sent": self.messages_sent.load(Relaxed),
+            "messages_sent": self.outbox.sent(),
             "messages_received": self.messages_received.load(Relaxed),
             "queue_depth": self.queue_depth(),
             "subscriptions": self.subscriptions().iter().map(TopicName::as_str).collect::<Vec<_>>(),
