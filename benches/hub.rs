@@ -28,7 +28,7 @@ fn encode_small_event(b: Bencher) {
     let Value::Object(msg) = json!({"type": "cache_metrics", "data": {"hit_rate": 0.9, "n": 12345}}) else {
         unreachable!()
     };
-    b.bench(|| encode_event(&t, divan::black_box(msg.clone()), "2026-11-26T00:00:00.000Z"));
+    b.bench(|| encode_event(&t, divan::black_box(msg.clone()), "2026-11-26T00:00:00.000Z", 64));
 }
 
 /// One publish to a topic with `n` subscribers, then each subscriber's queue is emptied (as its

@@ -163,11 +163,32 @@ pub fn status(connection_info: Value, server_metrics: Value) -> Utf8Bytes {
 /// the publisher's object with `event_type` and `timestamp` added (or overwritten in place).
 /// Server frames are unmasked, so the frame is the same bytes for every connection: each
 /// subscriber's socket gets a refcounted clone, written as is.
-pub fn encode_event(topic: &TopicName, mut message: Map<String, Value>, timestamp: &str) -> Bytes {
+///
+/// One allocation, sized from `size_hint` (the event's size as published): the JSON is written
+/// behind room for the longest frame header, and the header goes right in front of it, so the
+/// payload is neither regrown nor copied into a frame afterwards.
+pub fn encode_event(
+    topic: &TopicName,
+    mut message: Map<String, Value>,
+    timestamp: &str,
+    size_hint: usize,
+) -> Bytes {
+    const HEADER_ROOM: usize = 10;
     message.insert("event_type".to_owned(), Value::String(topic.as_str().to_owned()));
     message.insert("timestamp".to_owned(), Value::String(timestamp.to_owned()));
-    let payload = Value::Object(message).to_string();
-    text_frame(payload.as_bytes())
+    let value = Value::Object(message);
+    let extra = HEADER_ROOM + 64 + topic.as_str().len() + timestamp.len();
+    let mut buf = Vec::with_capacity(size_hint.saturating_add(extra));
+    buf.resize(HEADER_ROOM, 0);
+    if serde_json::to_writer(&mut buf, &value).is_err() {
+        // Unreachable (a `Value` with string keys into a `Vec` cannot fail); stay well-formed.
+        buf.truncate(HEADER_ROOM);
+        buf.extend_from_slice(value.to_string().as_bytes());
+    }
+    let (header, n) = frame_header(0x1, buf.len() - HEADER_ROOM);
+    let start = HEADER_ROOM - n;
+    buf[start..HEADER_ROOM].copy_from_slice(&header[..n]);
+    Bytes::from(buf).slice(start..)
 }
 
 /// A final, unmasked text frame carrying `payload` (RFC 6455 section 5.2).
@@ -212,21 +233,31 @@ pub fn holds_close_frame(mut buf: &[u8]) -> bool {
 /// A final, unmasked frame: server frames are never masked, so they are the same bytes for
 /// every connection.
 fn frame(opcode: u8, payload: &[u8]) -> Bytes {
-    const FIN: u8 = 0x80;
-    let len = payload.len();
-    let mut frame = Vec::with_capacity(len + 10);
-    frame.push(FIN | opcode);
-    if len < 126 {
-        frame.push(len as u8);
-    } else if let Ok(short) = u16::try_from(len) {
-        frame.push(126);
-        frame.extend_from_slice(&short.to_be_bytes());
-    } else {
-        frame.push(127);
-        frame.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+    let (header, n) = frame_header(opcode, payload.len());
+    let mut frame = Vec::with_capacity(n + payload.len());
+    frame.extend_from_slice(&header[..n]);
     frame.extend_from_slice(payload);
     Bytes::from(frame)
+}
+
+/// The header of a final, unmasked frame with a payload of `len` bytes: the first 2, 4 or 10
+/// bytes of the array, as the second value says.
+fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    const FIN: u8 = 0x80;
+    let mut h = [0u8; 10];
+    h[0] = FIN | opcode;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if let Ok(short) = u16::try_from(len) {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&short.to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
 }
 
 #[cfg(test)]
@@ -324,12 +355,31 @@ mod tests {
             serde_json::from_str(r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"old"}"#)
                 .unwrap();
         let Value::Object(map) = msg else { unreachable!() };
-        let out = encode_event(&topic, map, "2026-01-01T00:00:00.000Z");
+        let out = encode_event(&topic, map, "2026-01-01T00:00:00.000Z", 0);
         assert_eq!(&out[..2], &[0x81, (out.len() - 2) as u8]);
         assert_eq!(
             std::str::from_utf8(&out[2..]).unwrap(),
             r#"{"type":"cache_metrics","data":{"hit_rate":0.9},"timestamp":"2026-01-01T00:00:00.000Z","event_type":"cache_metrics"}"#
         );
+    }
+
+    /// Whatever the size (each header length) and whatever the hint, the event frame is the
+    /// plain frame of the JSON text.
+    #[test]
+    fn event_frames_match_the_plain_encoding_at_every_length() {
+        let topic = TopicName::parse("t", 128).unwrap();
+        for pad in [0usize, 60, 200, 70_000] {
+            for hint in [0usize, 10, 100_000] {
+                let msg = json!({"data": "x".repeat(pad)});
+                let Value::Object(map) = msg else { unreachable!() };
+                let out = encode_event(&topic, map.clone(), "ts", hint);
+                let mut expected = map;
+                expected.insert("event_type".into(), json!("t"));
+                expected.insert("timestamp".into(), json!("ts"));
+                let plain = text_frame(Value::Object(expected).to_string().as_bytes());
+                assert_eq!(out, plain, "pad {pad}, hint {hint}");
+            }
+        }
     }
 
     #[test]

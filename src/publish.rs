@@ -77,10 +77,11 @@ async fn publish(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
                 }
             }
             let ts = timestamp();
+            let size_hint = body.len() / events.len().max(1);
             let encoded: Vec<(TopicName, Bytes)> = events
                 .into_iter()
                 .map(|e| {
-                    let frame = encode_event(&e.topic, e.message, &ts);
+                    let frame = encode_event(&e.topic, e.message, &ts, size_hint);
                     (e.topic, frame)
                 })
                 .collect();
@@ -89,7 +90,7 @@ async fn publish(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
         }
         single => match validate(single, max_len, allowed) {
             Ok(e) => {
-                let n = deliver(gateway, e, &timestamp());
+                let n = deliver(gateway, e, &timestamp(), body.len());
                 json_response(StatusCode::OK, &json!({ "delivered": n }))
             }
             Err(msg) => json_error(StatusCode::BAD_REQUEST, &msg),
@@ -124,7 +125,7 @@ fn validate(
     Ok(Event { topic, message })
 }
 
-fn deliver(gateway: &Gateway, event: Event, ts: &str) -> usize {
-    let encoded = encode_event(&event.topic, event.message, ts);
+fn deliver(gateway: &Gateway, event: Event, ts: &str, size_hint: usize) -> usize {
+    let encoded = encode_event(&event.topic, event.message, ts, size_hint);
     gateway.hub.publish(&event.topic, &encoded)
 }
