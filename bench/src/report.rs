@@ -1,6 +1,11 @@
 //! Turns the JSON lines of `wsgate-bench run` into one Markdown table: per scenario and figure,
 //! the median over runs for each server, the ratios wsgate/floor and wsgate/nchan, and the
 //! target with its verdict. delivered/expected is the worst run, not the median.
+//!
+//! A ratio is the median of same-run ratios: each wsgate run divided by the other server's run
+//! of the same round (`compare.sh` runs them back to back), so that a machine that drifts
+//! during the session (these are shared VMs) moves both sides of each ratio together. Only
+//! where no run pairs up is it the ratio of the medians.
 
 use std::collections::BTreeMap;
 
@@ -196,19 +201,26 @@ pub fn report(text: &str) -> String {
             .collect();
         let title = format!("{} — runs: {}", describe(s, any), counts.join(", "));
         for (i, fig) in figures(s).iter().enumerate() {
-            let val = |t: &str| -> Option<f64> {
-                let rs = runs.get(t)?;
-                let vals: Vec<f64> = rs
-                    .iter()
+            // (run number, value) of each run of server `t`.
+            let per_run = |t: &str| -> Vec<(u64, f64)> {
+                let Some(rs) = runs.get(t) else {
+                    return Vec::new();
+                };
+                rs.iter()
                     .map(|r| {
-                        if s == "a" && fig.key == "ratio" {
+                        let v = if s == "a" && fig.key == "ratio" {
                             // For the idle scenario the "ratio" is connections that subscribed.
                             r["ready"].as_f64().unwrap_or(0.0) / r["conns"].as_f64().unwrap_or(1.0).max(1.0)
                         } else {
                             r[fig.key].as_f64().unwrap_or(f64::NAN)
-                        }
+                        };
+                        (r["run"].as_u64().unwrap_or(0), v)
                     })
-                    .collect();
+                    .collect()
+            };
+            let val = |t: &str| -> Option<f64> {
+                runs.get(t)?;
+                let vals: Vec<f64> = per_run(t).into_iter().map(|(_, v)| v).collect();
                 if fig.worst {
                     vals.iter().copied().filter(|x| x.is_finite()).reduce(f64::min)
                 } else {
@@ -216,7 +228,21 @@ pub fn report(text: &str) -> String {
                 }
             };
             let (w, fl, nc) = (val("wsgate"), val("floor"), val("nchan"));
-            let (rf, rn) = (ratio(w, fl), ratio(w, nc));
+            let same_run = |other: &str, fallback: Option<f64>| -> Option<f64> {
+                if fig.worst {
+                    return fallback;
+                }
+                let theirs = per_run(other);
+                let pairs: Vec<f64> = per_run("wsgate")
+                    .into_iter()
+                    .filter_map(|(run, mine)| {
+                        let (_, t) = theirs.iter().find(|(r, _)| *r == run)?;
+                        ratio(Some(mine), Some(*t))
+                    })
+                    .collect();
+                median(pairs).or(fallback)
+            };
+            let (rf, rn) = (same_run("floor", ratio(w, fl)), same_run("nchan", ratio(w, nc)));
             let (target, verdict) = match &fig.check {
                 Check::None => (String::new(), String::new()),
                 Check::Abs(max, label) => (label.to_string(), verdict(w.map(|x| x <= *max))),
