@@ -244,8 +244,9 @@ for run in $(seq "$RUNS"); do
 done
 
 if [ "$PROFILE" = 1 ]; then
-  perf report -i "$RUN_DIR/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15 | tee "$RUN_DIR/perf-dso.txt"
-  perf report -i "$RUN_DIR/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45 | tee "$RUN_DIR/perf-top.txt"
+  # `|| true`: head closing the pipe early is not a failure.
+  perf report -i "$RUN_DIR/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15 | tee "$RUN_DIR/perf-dso.txt" || true
+  perf report -i "$RUN_DIR/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45 | tee "$RUN_DIR/perf-top.txt" || true
   say "profile in $RUN_DIR/perf.data (perf report -i $RUN_DIR/perf.data)"
 fi
 

@@ -140,6 +140,8 @@ pub struct ServerConfig {
     pub allowed_origins: OriginPolicy,
     /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
     pub trusted_proxies: TrustedProxies,
+    /// Runtime threads; 0 = one per CPU the process may use (see `Config::runtime_threads`).
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -241,6 +243,7 @@ struct FileServer {
     echo_path: Option<String>,
     allowed_origins: Option<Vec<String>>,
     trusted_proxies: Option<Vec<String>>,
+    worker_threads: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +301,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How many runtime threads to run: `server.worker_threads`, or when that is 0, one per CPU
+    /// this process may use (`available_parallelism` follows the CPU affinity mask and the
+    /// cgroup CPU quota, so a daemon pinned to one core or given one CPU in a container counts 1).
+    pub fn runtime_threads(&self) -> usize {
+        match self.server.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
@@ -401,6 +414,8 @@ impl Validator {
                 ));
             }
         }
+
+        let worker_threads = self.int("server.worker_threads", f.server.worker_threads, 0, 0, 1024);
 
         let allowed_origins =
             OriginPolicy::parse(f.server.allowed_origins.as_deref()).unwrap_or_else(|errs| {
@@ -611,6 +626,7 @@ impl Validator {
                 echo_path: f.server.echo_path,
                 allowed_origins,
                 trusted_proxies,
+                worker_threads,
             },
             upstream,
             admin: AdminConfig {
@@ -716,6 +732,17 @@ mod tests {
             Ok(_) => vec![],
             Err(e) => e.problems(),
         }
+    }
+
+    #[test]
+    fn worker_threads_defaults_to_one_per_cpu_and_is_bounded() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.worker_threads, 0);
+        assert!(c.runtime_threads() >= 1);
+        let c = Config::parse("[server]\nworker_threads = 3\n").unwrap();
+        assert_eq!(c.runtime_threads(), 3);
+        let e = errors("[server]\nworker_threads = 5000\n");
+        assert_eq!(e, ["server.worker_threads must be at most 1024, got 5000"]);
     }
 
     #[test]

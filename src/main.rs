@@ -63,13 +63,29 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let log = logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: tokio's single-threaded scheduler, on this thread. A multi-threaded runtime
+    // with one worker still runs two threads, and on a single CPU that only adds work: a second
+    // thread makes the kernel reference-count the socket's file on every send (a shared
+    // descriptor table), and the work-stealing scheduler keeps statistics and wakes peers.
+    // Measured in scenario (b) pinned to one core: about 5 % less CPU per delivery
+    // (BENCHMARKS.md, "one thread on one CPU"). The in-process tests run the daemon this way too.
+    let threads = config.runtime_threads();
+    let built = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    info!(threads, "runtime started");
     match runtime.block_on(serve(cli, config, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

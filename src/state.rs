@@ -87,6 +87,12 @@ impl Gateway {
                 old.admin.listen, new.admin.listen
             ));
         }
+        if old.server.worker_threads != new.server.worker_threads {
+            notes.push(format!(
+                "server.worker_threads changed ({} -> {}): restart wsgate for it to take effect",
+                old.server.worker_threads, new.server.worker_threads
+            ));
+        }
         if old.limits.max_pending_connections != new.limits.max_pending_connections {
             notes.push(format!(
                 "limits.max_pending_connections changed ({} -> {}): restart wsgate for it to take effect",

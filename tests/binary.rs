@@ -445,3 +445,35 @@ async fn closed_connections_give_their_descriptors_back() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `server.worker_threads = 1` runs the daemon on one thread (tokio's single-threaded runtime);
+/// 2 gives the main thread and two workers. Either way it serves clients and publishes.
+#[tokio::test]
+async fn worker_threads_chooses_the_runtime() {
+    for (workers, threads) in [(1, 1), (2, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &format!("[server]\nworker_threads = {workers}\n"));
+        let p = Proc::start(&path, None).await;
+        p.wait_log(&format!("threads={workers}")).await;
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
+            .unwrap()
+            .count();
+        assert_eq!(tasks, threads, "threads with worker_threads = {workers}");
+        let (mut ws, _) = p.client().await;
+        request(&mut ws, r#"{"type":"subscribe","events":["x"]}"#).await;
+        let (code, _, _) = http(
+            p.admin,
+            Method::POST,
+            "/publish",
+            &[],
+            br#"{"event_type":"x","message":{"n":1}}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK);
+        let event = recv_json(&mut ws).await;
+        assert_eq!(
+            (event["event_type"].as_str(), event["n"].as_i64()),
+            (Some("x"), Some(1))
+        );
+    }
+}
