@@ -38,7 +38,7 @@ const SHARDS: usize = 64;
 /// a cache miss) was the largest user-space cost of a delivery in scenario (b): it stalled the
 /// loop once per subscriber, in series, between two `send(2)` calls. Touching a group first
 /// lets those misses overlap; the group is small enough that the sends that follow still find
-/// the lines in cache. Measured: BENCHMARKS.md, "warming subscribers in groups".
+/// the lines in cache. Measured: BENCHMARKS.md, "group warm-up".
 const WARM_AHEAD: usize = 16;
 
 struct Topic {
