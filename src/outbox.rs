@@ -73,9 +73,10 @@ enum Kind {
 /// Laid out for the publisher's fast path: everything a delivery to an idle connection reads or
 /// writes (the descriptor, the lock word, the queue's byte count, the flags, the activity stamp
 /// and the sent counter) sits in the first ~85 bytes (two or three cache lines, almost always
-/// one page), and `ConnShared` puts the outbox first. On its own this measured within noise (the first touch of
-/// a cold connection costs the same whatever follows it); it is what lets the fan-out's single
-/// warm-up load per subscriber (`warm`, see `Hub::fan_out`) bring in all a delivery needs.
+/// one page), and `ConnShared` puts the outbox first. On its own this measured within noise
+/// (the first touch of a cold connection costs the same whatever follows it); it is what lets
+/// the fan-out's single warm-up load per subscriber (`warm`, see `Hub::fan_out`) bring in all a
+/// delivery needs.
 /// BENCHMARKS.md, "hot fields first" and "group warm-up".
 #[repr(C)]
 pub struct Outbox {
@@ -568,9 +569,9 @@ mod tests {
     }
 
     /// The fast path's fields (socket, lock word, hot head of `State`) stay within the first
-    /// 96 bytes, wherever the allocator puts the connection. A change
-    /// in `std`'s `Mutex` or `OnceLock` layout that broke this would cost performance, not
-    /// correctness; this test says so instead of a benchmark weeks later.
+    /// 96 bytes, wherever the allocator puts the connection. A change in `std`'s `Mutex` or
+    /// `OnceLock` layout that broke this would cost performance, not correctness; this test
+    /// says so instead of a benchmark weeks later.
     #[test]
     fn the_fast_path_fields_are_packed_at_the_front() {
         use std::mem::offset_of;

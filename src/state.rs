@@ -73,32 +73,36 @@ impl Gateway {
 
     /// Swaps in a new (already validated) config. Returns what could not take effect.
     pub fn apply_config(&self, new: Config) -> Vec<String> {
-        let mut notes = Vec::new();
         let old = self.config();
-        if old.server.listen != new.server.listen {
-            notes.push(format!(
-                "server.listen changed ({} -> {}): restart wsgate for it to take effect",
-                old.server.listen, new.server.listen
-            ));
-        }
-        if old.admin.listen != new.admin.listen {
-            notes.push(format!(
-                "admin.listen changed ({} -> {}): restart wsgate for it to take effect",
-                old.admin.listen, new.admin.listen
-            ));
-        }
-        if old.server.worker_threads != new.server.worker_threads {
-            notes.push(format!(
-                "server.worker_threads changed ({} -> {}): restart wsgate for it to take effect",
-                old.server.worker_threads, new.server.worker_threads
-            ));
-        }
-        if old.limits.max_pending_connections != new.limits.max_pending_connections {
-            notes.push(format!(
-                "limits.max_pending_connections changed ({} -> {}): restart wsgate for it to take effect",
-                old.limits.max_pending_connections, new.limits.max_pending_connections
-            ));
-        }
+        let mut notes = Vec::new();
+        // Keys read once at startup: a change is reported, not applied.
+        let mut restart_only = |key: &str, before: String, after: String| {
+            if before != after {
+                notes.push(format!(
+                    "{key} changed ({before} -> {after}): restart wsgate for it to take effect"
+                ));
+            }
+        };
+        restart_only(
+            "server.listen",
+            old.server.listen.to_string(),
+            new.server.listen.to_string(),
+        );
+        restart_only(
+            "admin.listen",
+            old.admin.listen.to_string(),
+            new.admin.listen.to_string(),
+        );
+        restart_only(
+            "server.worker_threads",
+            old.server.worker_threads.to_string(),
+            new.server.worker_threads.to_string(),
+        );
+        restart_only(
+            "limits.max_pending_connections",
+            old.limits.max_pending_connections.to_string(),
+            new.limits.max_pending_connections.to_string(),
+        );
         self.limiter.set_limits(
             new.limits.max_total_connections,
             new.limits.max_connections_per_ip,
